@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 import pymongo
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from project import REPO
+
 JONGODB = REPO / "tests/server/node_modules/@jongodb/memory-server-bin-linux-x64-gnu/bin/jongodb"
 
 
@@ -60,10 +62,8 @@ def mongo_database(mongo_uri: str) -> Iterator[pymongo.database.Database]:
     client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=5000)
     database = client[f"fff_test_{uuid.uuid4().hex[:10]}"]
     yield database
-    try:
+    with contextlib.suppress(pymongo.errors.OperationFailure):
         client.drop_database(database.name)
-    except pymongo.errors.OperationFailure:
-        pass
     client.close()
 
 

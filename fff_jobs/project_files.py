@@ -1,0 +1,195 @@
+"""The configuration files `fff init` writes: embedded store or MongoDB server, one source for both.
+
+The files shipped in the repository (my_launchpad.yaml, fw_config/FW_config.yaml,
+fw_config/jobflow.yaml) are exactly what ``write_configuration(directory, None)``
+writes; a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pymongo.errors import InvalidURI
+from pymongo.uri_parser import parse_uri
+
+from fff_jobs.config import (
+    CONNECT_TIMEOUT_MS,
+    DATA_COLLECTION,
+    EMBEDDED_FILE,
+    EMBEDDED_KEY,
+    JOB_STORE_DIRECTORY,
+    OUTPUTS_COLLECTION,
+    ConfigError,
+    redact,
+)
+
+DATABASE_NAME = "fff"
+
+LAUNCHPAD_HEADER = """\
+# FireWorks LaunchPad: where fff-jobs, lpad, rlaunch and qlaunch find the database.
+"""
+EMBEDDED_LAUNCHPAD_NOTE = """\
+#
+# As shipped this is the EMBEDDED store (fw_config/FW_config.yaml sets
+# MONGOMOCK_SERVERSTORE_FILE): FireWorks keeps the whole database in memory and
+# writes .fff/fireworks.json only when the process exits. One process at a time;
+# a killed process loses everything it did. Quick start and tests only.
+#
+# For a real MongoDB: `fff init --uri mongodb://HOST:27017/fff --force`, which
+# rewrites this file, FW_config.yaml and jobflow.yaml together.
+"""
+MONGODB_LAUNCHPAD_NOTE = """\
+# Written by `fff init --uri`; holds credentials when the URI does: keep it
+# private (mode 600) and out of version control. `fff init --force` goes back
+# to the embedded store.
+"""
+FW_CONFIG = """\
+# FireWorks settings for this project. `source fw_config/env.sh` (done by
+# .venv/bin/activate) points FW_CONFIG_FILE here; my_launchpad.yaml is looked up
+# in the directory you run lpad/rlaunch from (the project directory).
+{embedded}
+# Rockets ping the database while a job runs; a job not pinged for
+# RUN_EXPIRATION_SECS is what `lpad detect_lostruns` reports as lost.
+PING_TIME_SECS: 600
+RUN_EXPIRATION_SECS: 2400
+
+# Seconds rapidfire waits before asking again when nothing is ready.
+RAPIDFIRE_SLEEP_SECS: 5
+
+# Oversized dynamic Firework documents go to GridFS under this collection.
+# The jongodb test server lacks `drop`: the tests set this to null there.
+GRIDFS_FALLBACK_COLLECTION: fw_gridfs
+"""
+FW_CONFIG_EMBEDDED = f"""
+# Embedded store (quick start and tests): the whole database in one file,
+# written when the process exits; one process at a time. `fff init --uri ...`
+# removes this line and points my_launchpad.yaml at a MongoDB server.
+{EMBEDDED_KEY}: {EMBEDDED_FILE}
+"""
+JOBFLOW_HEADER = """\
+# jobflow settings: where job outputs go. `source fw_config/env.sh` points
+# JOBFLOW_CONFIG_FILE here. Workers use this store; none is written into a
+# Firework spec, so no credentials travel with the workflow.
+"""
+EMBEDDED_JOBFLOW_NOTE = """\
+#
+# As shipped: the EMBEDDED store, SQLite files under .fff/jobstore (a relative
+# path is relative to the project directory, the parent of fw_config/).
+# `fff init --uri ...` replaces it with MongoDB: job documents in the collection
+# `outputs`, large data (trajectories, weights) in the GridFS bucket `outputs_data`.
+"""
+
+
+def _embedded_store(collection: str) -> dict:
+    return {
+        "@module": "fff_jobs.config",
+        "@class": "ProjectMontyStore",
+        "database_path": JOB_STORE_DIRECTORY,
+        "database_name": DATABASE_NAME,
+        "collection_name": collection,
+    }
+
+
+def _server_store(module: str, kind: str, uri: str, database: str, collection: str) -> dict:
+    return {
+        "@module": module,
+        "@class": kind,
+        "uri": uri,
+        "database": database,
+        "collection_name": collection,
+    }
+
+
+def _job_store(docs_store: dict, data_store: dict) -> dict:
+    return {
+        "JOB_STORE": {
+            "@module": "jobflow.core.store",
+            "@class": "JobStore",
+            "docs_store": docs_store,
+            "additional_stores": {"data": data_store},
+        }
+    }
+
+
+def _dump(settings: dict) -> str:
+    return yaml.safe_dump(settings, sort_keys=False, default_flow_style=False)
+
+
+def embedded_files() -> dict[str, str]:
+    """Relative path -> text of the configuration for the embedded store."""
+    launchpad = {
+        "host": "localhost",
+        "port": 27017,
+        "name": DATABASE_NAME,
+        "mongoclient_kwargs": {"serverSelectionTimeoutMS": CONNECT_TIMEOUT_MS},
+    }
+    stores = _job_store(_embedded_store(OUTPUTS_COLLECTION), _embedded_store(DATA_COLLECTION))
+    return {
+        "my_launchpad.yaml": LAUNCHPAD_HEADER + EMBEDDED_LAUNCHPAD_NOTE + _dump(launchpad),
+        "fw_config/FW_config.yaml": FW_CONFIG.format(embedded=FW_CONFIG_EMBEDDED),
+        "fw_config/jobflow.yaml": JOBFLOW_HEADER + EMBEDDED_JOBFLOW_NOTE + _dump(stores),
+    }
+
+
+def mongodb_files(uri: str) -> dict[str, str]:
+    """Relative path -> text of the configuration for the MongoDB server at ``uri``."""
+    try:
+        parsed = parse_uri(uri, validate=True)
+    except (InvalidURI, ValueError) as error:
+        raise ConfigError(
+            f"{redact(uri)} is not a MongoDB URI ({error}); "
+            "give mongodb://[user:password@]host[:port]/database[?options]"
+        ) from None
+    database = parsed.get("database") or DATABASE_NAME
+    launchpad = {
+        "host": uri,
+        "uri_mode": True,
+        "name": database,
+        "mongoclient_kwargs": {"serverSelectionTimeoutMS": CONNECT_TIMEOUT_MS},
+    }
+    stores = _job_store(
+        _server_store("maggma.stores", "MongoURIStore", uri, database, OUTPUTS_COLLECTION),
+        _server_store("maggma.stores", "GridFSURIStore", uri, database, DATA_COLLECTION),
+    )
+    return {
+        "my_launchpad.yaml": LAUNCHPAD_HEADER + MONGODB_LAUNCHPAD_NOTE + _dump(launchpad),
+        "fw_config/FW_config.yaml": FW_CONFIG.format(embedded=""),
+        "fw_config/jobflow.yaml": JOBFLOW_HEADER + _dump(stores),
+    }
+
+
+def check_server(uri: str) -> None:
+    """Fail within seconds, naming the server, when nothing answers at ``uri``."""
+    import pymongo
+
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=CONNECT_TIMEOUT_MS)
+    try:
+        client.admin.command("ping")
+    except pymongo.errors.PyMongoError as error:
+        raise ConfigError(
+            f"cannot reach MongoDB at {redact(uri)} ({type(error).__name__}): start the server, "
+            "fix the URI, or pass --no-check to write the configuration anyway"
+        ) from None
+    finally:
+        client.close()
+
+
+def write_configuration(directory: Path, uri: str | None, force: bool, check: bool) -> list[Path]:
+    """Write the three mode-dependent files; nothing is written unless all of them can be."""
+    files = mongodb_files(uri) if uri else embedded_files()
+    targets = {directory / name: text for name, text in files.items()}
+    changed = [path for path, text in targets.items() if path.exists() and path.read_text() != text]
+    if changed and not force:
+        raise ConfigError(
+            f"{changed[0]} exists and differs: pass --force to overwrite "
+            f"({len(changed)} file(s) would change)"
+        )
+    if uri and check:
+        check_server(uri)
+    has_secret = bool(uri and "@" in uri)
+    for path, text in targets.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o600 if has_secret else 0o644)
+    return list(targets)

@@ -1,0 +1,82 @@
+"""Submitting flows to the LaunchPad and running workers in this process (the quick start)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from jobflow import Flow
+
+from fff_jobs.config import ConfigError, find_project, load_launchpad, read_yaml
+from fff_jobs.routing import CPU, GPU
+
+KNOWN_CATEGORIES = (GPU, CPU)
+
+
+def submit(flow: Flow) -> dict[str, int]:
+    """Add a flow to the LaunchPad as one workflow; returns job uuid -> Firework id.
+
+    No store is passed to ``flow_to_workflow``: it would serialise the store,
+    credentials included, into every Firework spec. Workers use their own.
+    """
+    from jobflow.managers.fireworks import flow_to_workflow
+
+    workflow = flow_to_workflow(flow)
+    return load_launchpad().add_wf(workflow)
+
+
+def load_fworker(path: Path):
+    """A FireWorker from its file, refusing categories that no fff job carries."""
+    from fireworks import FWorker
+
+    settings = read_yaml(path)
+    category = settings.get("category") or ""
+    categories = category if isinstance(category, list) else [category]
+    unknown = [name for name in categories if name and name not in KNOWN_CATEGORIES]
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown worker category {unknown[0]!r}; fff jobs carry "
+            f"{' or '.join(KNOWN_CATEGORIES)} (or leave category empty to run everything)"
+        )
+    return FWorker.from_dict({**settings, "query": settings.get("query") or "{}"})
+
+
+def run_here(category: str | None = None, sleep_seconds: int = 1) -> None:
+    """Run rockets in this process until nothing of the category (default: any) is ready."""
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import rapidfire
+
+    project = find_project()
+    worker = (
+        load_fworker(project.fworker_file(category))
+        if category
+        else FWorker(name="fff_run", category="")
+    )
+    launch_directory = project.directory / ".fff" / "launches"
+    launch_directory.mkdir(parents=True, exist_ok=True)
+    rapidfire(
+        load_launchpad(),
+        worker,
+        m_dir=str(launch_directory),
+        nlaunches=0,
+        sleep_time=sleep_seconds,
+        strm_lvl=logging.getLevelName(logging.WARNING),
+    )
+
+
+def waiting_work(launchpad) -> dict[str, dict[str, int]]:
+    """Worker category -> Firework state -> count, for the states a worker cares about."""
+    pipeline = [
+        {"$match": {"state": {"$in": ["READY", "WAITING", "RESERVED", "RUNNING", "FIZZLED"]}}},
+        {
+            "$group": {
+                "_id": {"category": "$spec._category", "state": "$state"},
+                "count": {"$sum": 1},
+            }
+        },
+    ]
+    counts: dict[str, dict[str, int]] = {}
+    for row in launchpad.fireworks.aggregate(pipeline):
+        category = row["_id"].get("category") or "(any worker)"
+        counts.setdefault(category, {})[row["_id"]["state"]] = row["count"]
+    return counts

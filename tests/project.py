@@ -1,0 +1,68 @@
+"""Helpers for tests that act as a user: fff, lpad, rlaunch and qlaunch in a project directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fff_jobs.config import EMBEDDED_KEY, Project, worker_environment
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+BIN = Path(sys.executable).parent
+
+
+def project_environment(directory: Path, **extra: str) -> dict[str, str]:
+    """The environment `source fw_config/env.sh` gives, plus the tests' helper jobs on the path."""
+    environment = {key: value for key, value in os.environ.items() if key != EMBEDDED_KEY}
+    environment.update(worker_environment(Project(directory)))
+    environment["PYTHONPATH"] = str(TESTS)
+    environment.update(extra)
+    environment["PATH"] = f"{BIN}{os.pathsep}{environment['PATH']}"
+    return environment
+
+
+def run(directory: Path, *command: str, timeout: float = 120, **extra: str):
+    """Run a command in the project as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        command,
+        cwd=directory,
+        env=project_environment(directory, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def use_server(directory: Path, uri: str) -> None:
+    """Switch the project to a live server with `fff init --uri`, as a user would."""
+    result = run(directory, "fff", "init", "--uri", uri, "--force")
+    assert result.returncode == 0, result.stderr
+    fw_config = directory / "fw_config" / "FW_config.yaml"
+    settings = yaml.safe_load(fw_config.read_text())
+    settings["GRIDFS_FALLBACK_COLLECTION"] = None  # jongodb has no `drop` command
+    fw_config.write_text(yaml.safe_dump(settings))
+
+
+def lpad_fireworks(directory: Path) -> list[dict]:
+    """Every Firework as `lpad get_fws -d more` reports it."""
+    result = run(directory, "lpad", "get_fws", "-d", "more")
+    assert result.returncode == 0, result.stderr
+    reported = json.loads(result.stdout)
+    return reported if isinstance(reported, list) else [reported]
+
+
+def submit_script(name: str) -> str:
+    """Source of a Python script that submits a flow built by `name` (module:function)."""
+    module, function = name.split(":")
+    return (
+        "import sys; from fff_jobs.config import activate; activate()\n"
+        f"from {module} import {function}\n"
+        "from fff_jobs.workers import submit\n"
+        f"print(len(submit({function}(*map(int, sys.argv[1:])))))\n"
+    )

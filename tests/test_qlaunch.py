@@ -1,0 +1,94 @@
+"""qlaunch with the shipped Slurm and PBS adapters submits workers that complete Fireworks."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pymongo
+import pytest
+
+from project import run, submit_script, use_server
+
+pytestmark = pytest.mark.slow
+
+STAND_IN = """#!/usr/bin/env bash
+# Stand-in for {command}: records the submitted script and runs it in the background.
+cp "$1" "$FFF_TEST_SUBMITTED/{command}-$(date +%s%N).script"
+nohup bash "$1" > "$1.out" 2>&1 < /dev/null &
+echo "{answer}"
+"""
+
+
+@pytest.fixture
+def scheduler(tmp_path: Path) -> dict[str, str]:
+    """`sbatch` and `qsub` on PATH that behave like a scheduler with a free node."""
+    bin_directory = tmp_path / "scheduler-bin"
+    submitted = tmp_path / "submitted"
+    bin_directory.mkdir()
+    submitted.mkdir()
+    for command, answer in (("sbatch", "Submitted batch job 4242"), ("qsub", "4243.pbs-server")):
+        path = bin_directory / command
+        path.write_text(STAND_IN.format(command=command, answer=answer))
+        path.chmod(0o755)
+    return {
+        "PATH": f"{bin_directory}{os.pathsep}{os.environ['PATH']}",
+        "FFF_TEST_SUBMITTED": str(submitted),
+    }
+
+
+def wait_for_execution(database, indices: list[int], seconds: float = 60) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        execution = database.executions.find_one({"index": {"$in": indices}})
+        if execution:
+            return execution
+        time.sleep(0.5)
+    raise AssertionError(f"no worker ran any of the jobs {indices} within {seconds} s")
+
+
+def test_slurm_and_pbs_adapters_submit_workers_of_their_category(
+    workdir: Path, mongo_uri: str, scheduler: dict[str, str]
+):
+    name = f"fff_{uuid.uuid4().hex[:8]}"
+    use_server(workdir, f"{mongo_uri}/{name}")
+    (workdir / "submit.py").write_text(submit_script("plumbing_jobs:mixed_flow"))
+    assert run(workdir, "python", "submit.py", "1").returncode == 0
+    database = pymongo.MongoClient(mongo_uri)[name]
+
+    slurm = run(
+        workdir,
+        "qlaunch",
+        "-q",
+        "fw_config/my_qadapter_slurm.yaml",
+        "singleshot",
+        FFF_TEST_WORKER="slurm",
+        **scheduler,
+    )
+    assert slurm.returncode == 0, slurm.stderr
+    assert wait_for_execution(database, [0])["worker"] == "slurm"
+
+    pbs = run(
+        workdir,
+        "qlaunch",
+        "-q",
+        "fw_config/my_qadapter_pbs.yaml",
+        "singleshot",
+        FFF_TEST_WORKER="pbs",
+        **scheduler,
+    )
+    assert pbs.returncode == 0, pbs.stderr
+    assert wait_for_execution(database, [1000, 2000])["worker"] == "pbs"
+
+    scripts = {
+        path.name.split("-")[0]: path.read_text()
+        for path in Path(scheduler["FFF_TEST_SUBMITTED"]).iterdir()
+    }
+    assert "#SBATCH --job-name=fff_gpu" in scripts["sbatch"]
+    assert 'fw_config/my_fworker_gpu.yaml" singleshot' in scripts["sbatch"]
+    assert "#PBS -V" in scripts["qsub"]
+    assert 'fw_config/my_fworker_cpu.yaml" singleshot' in scripts["qsub"]
+    states = {fw["fw_id"]: fw["state"] for fw in database.fireworks.find({})}
+    assert sorted(states.values()) == ["COMPLETED", "COMPLETED", "READY"]
