@@ -20,14 +20,36 @@ app = typer.Typer(
 Command = TypeVar("Command", bound=Callable)
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean the input is wrong (not fff): shown as one line, not a traceback."""
+    from fff_jobs.database import CampaignNotFoundError, RegistryError
+    from fff_jobs.reports import NothingToReportError
+    from fff_jobs.spec import SpecError
+    from fff_jobs.structures import StructureError
+
+    return (
+        config.ConfigError,
+        SpecError,
+        StructureError,
+        CampaignNotFoundError,
+        RegistryError,
+        NothingToReportError,
+    )
+
+
 def clear_errors(command: Command) -> Command:
-    """Turn configuration errors into one line on stderr and exit status 2."""
+    """Turn errors in the user's input into one line on stderr and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except config.ConfigError as error:
+            typer.echo(f"error: {config.redact(str(error))}", err=True)
+            raise typer.Exit(2) from None
+        except Exception as error:
+            if not isinstance(error, user_errors()):
+                raise
             typer.echo(f"error: {config.redact(str(error))}", err=True)
             raise typer.Exit(2) from None
 
@@ -85,11 +107,190 @@ def demo(
     """Submit the plumbing demo (GPU job, CPU detour, GPU addition) and run it here."""
     config.activate()
     from fff_jobs.demo import demo_flow
-    from fff_jobs.workers import run_here, submit
+    from fff_jobs.workers import run_until_done, submit
 
     ids = submit(demo_flow())
     typer.echo(f"submitted demo workflow: Fireworks {sorted(ids.values())}")
     if run:
-        run_here()
+        run_until_done()
         states = config.load_launchpad().get_wf_by_fw_id(min(ids.values())).fw_states
         typer.echo(f"demo finished: {len(states)} Fireworks, states {sorted(set(states.values()))}")
+
+
+@app.command("export-model")
+@clear_errors
+def export_model(
+    campaign: Annotated[str, typer.Argument(help="Campaign id")],
+    output: Annotated[Path, typer.Argument(help="Directory to write the .model files to")],
+    generation: Annotated[
+        int | None, typer.Option(help="Generation; default: the current one")
+    ] = None,
+    member: Annotated[int | None, typer.Option(help="Member index; default: all members")] = None,
+) -> None:
+    """Write committee members as mace .model files (MACECalculator, mace_eval_configs)."""
+    config.activate()
+    from fff_jobs.committee import export_model_files
+
+    paths = export_model_files(config.project_database(), campaign, generation, member, output)
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
+EMBEDDED_WARNING = (
+    "embedded store: this process holds the whole database and writes it to {file} when it "
+    "ends. Run nothing else on this project meanwhile; if this process is killed, everything "
+    "since it started is lost (use a MongoDB server for real campaigns: fff init --uri ...)."
+)
+
+
+@app.command()
+@clear_errors
+def submit(spec_file: Annotated[Path, typer.Argument(help="Campaign spec (YAML)")]) -> None:
+    """Add a campaign to the LaunchPad and print its id; workers then run it."""
+    project = config.activate()
+    from fff_jobs.campaign import submit_campaign
+    from fff_jobs.spec import CampaignSpec
+
+    spec = CampaignSpec.from_yaml(spec_file)
+    campaign_id = submit_campaign(spec)
+    if project.embedded_file:
+        typer.echo("note: embedded store: run one worker at a time (`fff run` does).", err=True)
+    typer.echo(campaign_id)
+
+
+@app.command()
+@clear_errors
+def run(
+    spec_file: Annotated[Path, typer.Argument(help="Campaign spec (YAML)")],
+    category: Annotated[
+        str | None, typer.Option(help="Run only jobs of this worker category")
+    ] = None,
+) -> None:
+    """Submit a campaign and run its jobs in this process until it is complete (the quick start)."""
+    project = config.activate()
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from fff_jobs import database as db
+    from fff_jobs.campaign import submit_campaign
+    from fff_jobs.spec import CampaignSpec
+    from fff_jobs.workers import run_until_done
+
+    spec = CampaignSpec.from_yaml(spec_file)
+    if project.embedded_file:
+        typer.echo(EMBEDDED_WARNING.format(file=project.embedded_file), err=True)
+    campaign_id = submit_campaign(spec)
+    typer.echo(f"campaign {campaign_id}")
+    database = config.project_database()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("reference calculations", total=spec.num_to_run)
+
+        def update() -> None:
+            campaign = db.get_campaign(database, campaign_id)
+            generation = len(campaign["generations"]) - 1
+            progress.update(
+                task,
+                completed=campaign["budget"]["spent"],
+                description=f"generation {generation}, reference calculations",
+            )
+
+        run_until_done(category, on_rocket=update)
+    print_status(campaign_id)
+
+
+def print_status(campaign_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fff_jobs.reports import campaign_status
+
+    status = campaign_status(config.project_database(), config.load_launchpad(), campaign_id)
+    table = Table(title=f"campaign {campaign_id}", show_header=False)
+    generation = status["generation"]
+    rate = status["audit_pass_rate"]
+    rows = [
+        (
+            "status",
+            status["status"] + (f" ({status['stop_reason']})" if status["stop_reason"] else ""),
+        ),
+        ("reference calculations", f"{status['reference_spent']} / {status['budget']}"),
+        ("failed calculations", str(status["failed_calculations"])),
+        ("current generation", "none yet" if generation is None else str(generation["generation"])),
+        ("training running", "yes" if status["training_running"] else "no"),
+    ]
+    if generation is not None:
+        rows += [
+            ("validation force MAE", f"{generation['validation_force_mae']:.4f} eV/Å"),
+            (
+                "validation energy MAE",
+                f"{1000 * generation['validation_energy_mae_per_atom']:.2f} meV/atom",
+            ),
+            ("training set", f"{generation['training_set_size']} frames"),
+        ]
+    errors = ", ".join(f"{1000 * e:.2f}" for e in status["recent_audit_errors"] if e is not None)
+    rows += [
+        (
+            "live trajectories",
+            f"{status['live_trajectories']} ({status['retired_trajectories']} retired)",
+        ),
+        ("audits passed", "none yet" if rate is None else f"{rate:.0%} of {status['audits']}"),
+        ("recent audit errors", f"{errors} meV/atom" if errors else "none yet"),
+    ]
+    for category, states in sorted(status["jobs"].items()):
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
+        rows.append((f"jobs ({category})", counts))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+@app.command()
+@clear_errors
+def status(
+    campaign: Annotated[str | None, typer.Argument(help="Campaign id; omit to list them")] = None,
+) -> None:
+    """Budget spent, current generation and its errors, trajectories, audits and jobs."""
+    config.activate()
+    from fff_jobs import database as db
+
+    if campaign is not None:
+        print_status(campaign)
+        return
+    campaigns = db.list_campaigns(config.project_database())
+    if not campaigns:
+        typer.echo("no campaigns yet: fff submit workflows/water_xtb.yaml")
+    for document in campaigns:
+        budget = document["budget"]
+        typer.echo(
+            f"{document['_id']:<24} {document['status']:<9} "
+            f"{budget['spent']}/{budget['num_to_run']} reference calculations, "
+            f"{len(document['generations'])} generations"
+        )
+
+
+@app.command()
+@clear_errors
+def report(
+    campaign: Annotated[str, typer.Argument(help="Campaign id")],
+    output: Annotated[Path, typer.Option(help="Directory for the CSV and PNG")] = Path("."),
+) -> None:
+    """Write the learning curve (validation and audit errors against budget) as CSV and PNG."""
+    config.activate()
+    from fff_jobs.reports import write_report
+
+    for path in write_report(config.project_database(), campaign, output):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+@clear_errors
+def export(
+    campaign: Annotated[str, typer.Argument(help="Campaign id")],
+    output: Annotated[Path, typer.Option(help="Directory for the files")] = Path("."),
+) -> None:
+    """Write the training set as extxyz and as an ASE database, provenance in `info`."""
+    config.activate()
+    from fff_jobs.reports import export_training_set
+
+    for path in export_training_set(config.project_database(), campaign, output):
+        typer.echo(f"wrote {path}")

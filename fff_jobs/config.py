@@ -181,6 +181,7 @@ def load_job_store():
         raise ConfigError(f"{project.jobflow_file}: {redact(str(error))[:300]}") from None
 
 
+@functools.cache
 def project_database():
     """The database that holds the project's own collections: the LaunchPad's database.
 
@@ -196,7 +197,9 @@ def project_database():
 
         path = os.environ[EMBEDDED_KEY]
         for candidate in gc.get_objects():
-            if isinstance(candidate, ServerStore) and getattr(candidate, "_filename", None) == path:
+            # type(), not isinstance(): isinstance would touch every object's __class__,
+            # which warns for some of torch's deprecated module attributes
+            if type(candidate) is ServerStore and candidate._filename == path:
                 name = read_yaml(find_project().launchpad_file).get("name") or "fireworks"
                 return mongomock.MongoClient(_store=candidate)[name]
     return load_launchpad().db

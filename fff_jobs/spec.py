@@ -6,7 +6,10 @@ campaign spec that users write in `workflows/*.yaml`. Unknown keys are rejected.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -18,4 +21,343 @@ class Section(BaseModel):
 # --- model and training (MACE committee) ---
 
 
+class ModelSettings(Section):
+    """Architecture of every committee member (a MACE ``ScaleShiftMACE``).
+
+    The defaults are a small model (about 33k parameters for H, O; 16x0e) that trains in
+    seconds on a CPU. For production on a GPU use :meth:`gpu_defaults`, MACE's
+    published "medium" model: 128 channels with max_L 1, r_max 5 A, correlation 3.
+    """
+
+    r_max: float = Field(5.0, gt=0, description="cutoff radius, Angstrom")
+    num_channels: int = Field(16, ge=1, description="channels of the hidden features")
+    max_L: int = Field(0, ge=0, le=3, description="highest symmetry of hidden features")  # noqa: N815
+    num_interactions: int = Field(2, ge=1, description="message-passing layers")
+    correlation: int = Field(3, ge=1, description="correlation order of the products")
+    max_ell: int = Field(3, ge=0, description="highest l of the edge spherical harmonics")
+    num_radial_basis: int = Field(8, ge=1)
+    num_cutoff_basis: int = Field(5, ge=1)
+    radial_mlp: list[int] = Field(default_factory=lambda: [64, 64, 64])
+    mlp_irreps: str = Field("16x0e", description="hidden irreps of the last readout")
+    dtype: Literal["float32", "float64"] = "float64"
+    atomic_energies: dict[str, float] | None = Field(
+        None, description="E0s by element symbol, eV; None: least squares fit on the training set"
+    )
+
+    @classmethod
+    def gpu_defaults(cls, **changes: object) -> ModelSettings:
+        """MACE's "medium" model for production on a GPU (about 655k parameters for H, O)."""
+        values = {"num_channels": 128, "max_L": 1, "r_max": 5.0, "correlation": 3}
+        return cls(**(values | changes))
+
+
+class TrainingSettings(Section):
+    """How each committee member is trained (the original: Huber loss 0.1 energy, 0.9 force)."""
+
+    committee_size: int = Field(8, ge=1, description="members per generation")
+    split: Literal["bootstrap", "random"] = Field(
+        "bootstrap",
+        description="bootstrap: train on a resample, validate on frames left out; "
+        "random: a random split with validation_fraction held out",
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    loss: Literal["huber", "mse"] = "huber"
+    energy_weight: float = Field(0.1, ge=0, description="weight of the energy per atom loss")
+    forces_weight: float = Field(0.9, ge=0)
+    huber_delta: float = Field(0.01, gt=0)
+    batch_size: int = Field(10, ge=1)
+    validation_batch_size: int = Field(50, ge=1)
+    learning_rate: float = Field(0.01, gt=0)
+    weight_decay: float = Field(5e-7, ge=0)
+    max_epochs: int = Field(500, ge=1)
+    patience: int = Field(30, ge=1, description="epochs without a better validation loss")
+    scheduler_patience: int = Field(10, ge=1, description="epochs before the rate is reduced")
+    learning_rate_factor: float = Field(0.8, gt=0, lt=1)
+    max_grad_norm: float | None = 10.0
+    warm_start: bool = Field(True, description="start member i from member i of the last one")
+    seed: int = Field(0, description="committee seed; each member derives its own from it")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present")
+
+
 # --- reference calculations, structures, MD sampling, audits, selection ---
+# (imports of this section; the lead may hoist them to the top of the file)
+import importlib  # noqa: E402
+from typing import Any  # noqa: E402
+
+from pydantic import field_validator, model_validator  # noqa: E402
+
+XTB_METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
+
+
+def import_object(path: str) -> Any:
+    """Import ``package.module.Name``; raise ValueError saying what is wrong and what to do."""
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"import path {path!r} must look like 'package.module.ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"import path {path!r}: module {module_name!r} cannot be imported ({error}); "
+            "install it or correct the path"
+        ) from error
+    if not hasattr(module, attribute):
+        raise ValueError(f"import path {path!r}: module {module_name!r} has no {attribute!r}")
+    return getattr(module, attribute)
+
+
+class CalculatorSpec(Section):
+    """Any ASE calculator, as an import path plus keyword arguments (VASP, CP2K, ORCA, a model)."""
+
+    import_path: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("import_path")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        if not callable(import_object(value)):
+            raise ValueError(f"import path {value!r} does not name a calculator class")
+        return value
+
+
+class ReferenceSettings(Section):
+    """Which reference code labels frames, with which charge and spin, within which limits."""
+
+    code: Literal["xtb", "pyscf", "ase"] = "xtb"
+    method: str | None = None  # xtb: GFN2-xTB; pyscf: HF or a functional (PBE); ase: unused
+    basis: str = "def2-svp"  # pyscf only
+    calculator: CalculatorSpec | None = None  # code "ase" only
+    charge: int = 0
+    multiplicity: int = Field(1, ge=1)  # 2S+1; unpaired electrons = multiplicity - 1
+    time_limit: float | None = Field(None, gt=0)  # seconds per calculation; None: no limit
+    max_force: float = Field(50.0, gt=0)  # eV/A; larger forces mark a failed calculation
+    max_scf_cycles: int = Field(200, gt=0)  # pyscf only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") is None:
+            defaults = {"xtb": "GFN2-xTB", "pyscf": "PBE"}
+            data = {**data, "method": defaults.get(data.get("code", "xtb"))}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReferenceSettings:
+        if self.code == "xtb" and self.method not in XTB_METHODS:
+            raise ValueError(f"xtb method {self.method!r} is not one of {XTB_METHODS}")
+        if self.code == "pyscf":
+            _check_pyscf(self.method or "", self.basis)
+        if (self.code == "ase") != (self.calculator is not None):
+            raise ValueError("give `calculator` (an import path) exactly when code is 'ase'")
+        if self.code == "ase" and (self.charge, self.multiplicity) != (0, 1):
+            raise ValueError(
+                "code 'ase': set charge and spin in calculator.kwargs, with the code's own keywords"
+            )
+        return self
+
+
+def _check_pyscf(method: str, basis: str) -> None:
+    """Raise ValueError unless pyscf knows the method (HF or a functional) and the basis."""
+    import warnings
+
+    try:
+        from pyscf import gto
+        from pyscf.dft import libxc
+    except ImportError as error:
+        raise ValueError("code 'pyscf' needs pyscf: pip install 'fff-jobs[pyscf]'") from error
+    if method.upper() != "HF":
+        try:
+            libxc.parse_xc(method)
+        except KeyError as error:
+            raise ValueError(
+                f"pyscf method {method!r}: give HF or a functional pyscf knows (e.g. PBE)"
+            ) from error
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gto.basis.load(basis, "H")
+    except Exception as error:
+        raise ValueError(f"pyscf basis {basis!r} is unknown to pyscf (e.g. def2-svp)") from error
+
+
+class StructureSettings(Section):
+    """Checks on structures read from users' files or built as starting points."""
+
+    min_distance: float = Field(0.5, gt=0)  # A; closer atoms overlap
+    elements: list[str] | None = None  # allowed element symbols; None: any known element
+
+
+class WaterClusterSettings(Section):
+    """Starting structures and the initial training set of the water-cluster example."""
+
+    min_waters: int = Field(3, ge=1)
+    max_waters: int = Field(8, ge=1)
+    structures_per_size: int = Field(4, gt=0)
+    oxygen_spacing: float = Field(2.8, gt=2.0)  # A between neighbouring oxygens
+    jitter: float = Field(0.15, ge=0)  # A, uniform noise on oxygen positions
+    min_intermolecular_distance: float = Field(1.5, gt=0)  # A between atoms of two waters
+    rattled_per_structure: int = Field(4, ge=0)
+    rattle_stdev: float = Field(0.05, ge=0)  # A
+    md_frames_per_structure: int = Field(4, ge=0)  # frames of a short reference MD
+    md_steps: int = Field(40, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _range(self) -> WaterClusterSettings:
+        if self.min_waters > self.max_waters:
+            raise ValueError(f"min_waters {self.min_waters} > max_waters {self.max_waters}")
+        return self
+
+
+class MDSettings(Section):
+    """A segment of molecular dynamics: integrator, length, frames kept and the guards."""
+
+    temperature: float = Field(300.0, gt=0)  # K, Maxwell-Boltzmann velocities (and Langevin)
+    timestep: float = Field(0.5, gt=0, le=5)  # fs
+    run_length: int = Field(100, gt=0)  # steps of a trajectory's first segment
+    num_frames: int = Field(10, gt=0)  # frames kept per segment, evenly spaced
+    thermostat: Literal["none", "langevin"] = "none"  # none: velocity Verlet (NVE)
+    friction: float = Field(0.01, gt=0)  # 1/fs, Langevin only
+    min_distance: float = Field(0.5, gt=0)  # A; closer atoms end the segment
+    max_force: float = Field(20.0, gt=0)  # eV/A; a larger force ends the segment
+    fragment_distance: float = Field(5.0, gt=0)  # A; pieces farther apart: flying apart
+    guard_interval: int = Field(1, gt=0)  # steps between guard checks
+    device: str = "auto"  # torch device of a MACE model; auto: cuda when available
+    dtype: Literal["float32", "float64"] = "float64"
+
+    @model_validator(mode="after")
+    def _distances(self) -> MDSettings:
+        if self.min_distance >= self.fragment_distance:
+            raise ValueError(
+                f"min_distance {self.min_distance} must be below "
+                f"fragment_distance {self.fragment_distance}"
+            )
+        return self
+
+
+class AuditSettings(Section):
+    """When an audited segment may continue, and how long the next segment runs."""
+
+    energy_tolerance: float = Field(0.001, gt=0)  # eV/atom
+    min_run_length: int = Field(10, gt=0)  # steps
+    max_run_length: int = Field(1000, gt=0)  # steps
+    error_history: int = Field(16, gt=0)  # recent audits whose median sets the run length
+    failed_audit_error: float = Field(10.0, gt=0)  # eV/atom counted for a failed reference
+
+    @model_validator(mode="after")
+    def _range(self) -> AuditSettings:
+        if self.min_run_length > self.max_run_length:
+            raise ValueError(
+                f"min_run_length {self.min_run_length} > max_run_length {self.max_run_length}"
+            )
+        return self
+
+
+class SelectionSettings(Section):
+    """How a batch of frames is picked from the committee's predictions."""
+
+    batch_size: int = Field(16, gt=0)
+    method: Literal["spread", "farthest_point"] = "spread"
+    seed: int = 0  # breaks ties between equally ranked frames
+
+
+# --- the campaign spec (workflows/*.yaml) ---
+
+
+class SystemSettings(Section):
+    """Where the campaign starts: generated water clusters, or the user's own structure files."""
+
+    water_clusters: WaterClusterSettings | None = None
+    starting_structures: Path | None = None  # extxyz or ASE db: MD starts (and restarts) here
+    initial_data: Path | None = None  # frames the reference labels for generation 0
+    structures: StructureSettings = Field(default_factory=StructureSettings)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SystemSettings:
+        files = (self.starting_structures, self.initial_data)
+        if (self.water_clusters is None) == (files == (None, None)):
+            raise ValueError(
+                "give either water_clusters, or starting_structures and initial_data (files)"
+            )
+        if self.water_clusters is None and None in files:
+            raise ValueError("starting_structures and initial_data go together: give both files")
+        for path in files:
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path}: no such file")
+        return self
+
+
+class WorkerSettings(Section):
+    """Worker categories (fworker `category`) and FireWorks priorities of the campaign's jobs."""
+
+    gpu_category: str = "gpu"  # training, MD segments, inference and selection
+    cpu_category: str = "cpu"  # ingest, audits, reference calculations
+    ingest_priority: int = 100
+    training_priority: int = 30
+    inference_priority: int = 20
+    sampling_priority: int = 10
+    audit_priority: int = 20  # audits go before active-learning calculations
+    calculation_priority: int = 10
+
+
+class CampaignSpec(Section):
+    """A whole campaign: system, reference, committee, sampling, selection, budget, workers."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.]+$", max_length=40)
+    system: SystemSettings
+    reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    md: MDSettings = Field(default_factory=MDSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    trajectories: int = Field(4, gt=0)  # trajectories kept running
+    max_trajectory_failures: int = Field(5, gt=0)  # failed audits in a row retire a trajectory
+    inference_chunk: int = Field(50, gt=0)  # pooled frames that start an inference-and-selection
+    inference_batch_size: int = Field(64, gt=0)  # frames per batch through the committee
+    calculations_per_job: int = Field(1, gt=0)  # selected frames per reference-calculation job
+    retrain_freq: int = Field(16, gt=0)  # new reference results that start a new generation
+    num_to_run: int = Field(100, gt=0)  # reference budget: audits plus selected frames
+    target_force_error: float | None = Field(None, gt=0)  # eV/A, validation; stops early
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CampaignSpec:
+        """Read and check a spec file; file paths in it are relative to the file."""
+        import yaml
+        from pydantic import ValidationError
+
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"{path}: no such campaign spec file")
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise SpecError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(content, dict):
+            raise SpecError(f"{path}: a campaign spec is a YAML mapping of settings")
+        system = content.get("system")
+        if isinstance(system, dict):
+            for key in ("starting_structures", "initial_data"):
+                if isinstance(system.get(key), str):
+                    system[key] = str((path.parent / system[key]).resolve())
+        try:
+            return cls.model_validate(content)
+        except ValidationError as error:
+            raise SpecError(f"{path}: {describe_validation_error(error)}") from None
+
+
+class SpecError(ValueError):
+    """A campaign spec that cannot be used; the message names the file and the setting."""
+
+
+def describe_validation_error(error: Exception) -> str:
+    """pydantic's errors as `setting.path: message` phrases, one per problem."""
+    problems = []
+    for problem in error.errors():
+        location = ".".join(str(part) for part in problem["loc"]) or "spec"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown setting (check its spelling and section)"
+        problems.append(f"{location}: {message}")
+    return "; ".join(problems)

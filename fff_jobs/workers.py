@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from jobflow import Flow
@@ -41,29 +43,6 @@ def load_fworker(path: Path):
     return FWorker.from_dict({**settings, "query": settings.get("query") or "{}"})
 
 
-def run_here(category: str | None = None, sleep_seconds: int = 1) -> None:
-    """Run rockets in this process until nothing of the category (default: any) is ready."""
-    from fireworks import FWorker
-    from fireworks.core.rocket_launcher import rapidfire
-
-    project = find_project()
-    worker = (
-        load_fworker(project.fworker_file(category))
-        if category
-        else FWorker(name="fff_run", category="")
-    )
-    launch_directory = project.directory / ".fff" / "launches"
-    launch_directory.mkdir(parents=True, exist_ok=True)
-    rapidfire(
-        load_launchpad(),
-        worker,
-        m_dir=str(launch_directory),
-        nlaunches=0,
-        sleep_time=sleep_seconds,
-        strm_lvl=logging.getLevelName(logging.WARNING),
-    )
-
-
 def waiting_work(launchpad) -> dict[str, dict[str, int]]:
     """Worker category -> Firework state -> count, for the states a worker cares about."""
     pipeline = [
@@ -80,3 +59,37 @@ def waiting_work(launchpad) -> dict[str, dict[str, int]]:
         category = row["_id"].get("category") or "(any worker)"
         counts.setdefault(category, {})[row["_id"]["state"]] = row["count"]
     return counts
+
+
+def run_until_done(category: str | None = None, on_rocket: Callable[[], None] | None = None) -> int:
+    """Run rockets here, one after another, until no job can become ready; returns how many ran.
+
+    Like ``rlaunch rapidfire`` but quiet, and calling ``on_rocket`` after each one
+    (the progress bar of `fff run`).
+    """
+    import time
+
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    project = find_project()
+    worker = load_fworker(project.fworker_file(category)) if category else FWorker(category="")
+    launchpad = load_launchpad()
+    launch_directory = project.directory / ".fff" / "launches"
+    launch_directory.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("jobflow").setLevel(logging.WARNING)
+    here = os.getcwd()
+    ran = 0
+    try:
+        os.chdir(launch_directory)
+        while True:
+            if launchpad.run_exists(worker):
+                ran += bool(launch_rocket(launchpad, worker, strm_lvl="ERROR"))
+                if on_rocket:
+                    on_rocket()
+            elif launchpad.future_run_exists(worker):
+                time.sleep(0.5)
+            else:
+                return ran
+    finally:
+        os.chdir(here)

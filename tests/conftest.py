@@ -13,6 +13,10 @@ from pathlib import Path
 import pymongo
 import pytest
 
+# Before tblite or torch load: several test processes share 2 cores, and OpenMP's default
+# of one thread per core each made xTB calculations 100 times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from project import REPO
 
 JONGODB = REPO / "tests/server/node_modules/@jongodb/memory-server-bin-linux-x64-gnu/bin/jongodb"

@@ -1,0 +1,611 @@
+"""The campaign: its jobs, and the steering that decides which job adds which.
+
+Submitting a campaign adds one job (ingest). From then on every job adds the next
+ones through jobflow ``Response`` additions and detours, so the FireWorks
+workflow grows at run time:
+
+- ingest -> train generation 0 (one GPU job per member);
+- the last member of a generation -> the first segments (after generation 0),
+  the next training round if enough data arrived, or the end of the campaign;
+- MD segment -> its audit (CPU detour, high priority) and, once enough frames
+  are pooled, an inference-and-selection job (GPU);
+- audit -> the trajectory's next segment (continue or restart);
+- inference-and-selection -> reference calculations (CPU), in batches;
+- reference results -> the next training generation every ``retrain_freq``.
+
+Coordination goes through atomic updates in :mod:`fff_jobs.database`: a re-run of
+any job finds its work done or claimed and adds nothing twice. Dynamically added
+jobs get ids, never data: jobflow refuses references from them to other jobs,
+and data inlined into specs would bloat the workflow documents.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+
+from jobflow import Flow, Job, Response, job
+
+from fff_jobs import database as db
+from fff_jobs.config import project_database
+from fff_jobs.reference import ReferenceResult, compute_references
+from fff_jobs.routing import route
+from fff_jobs.spec import CampaignSpec, SelectionSettings
+from fff_jobs.structures import Frame
+
+# Heavy science modules (torch, mace) are imported inside the GPU jobs only, so that
+# CPU workers running audits and reference calculations start in a second, not ten.
+
+
+def new_campaign_id(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def campaign_spec(campaign: dict) -> CampaignSpec:
+    return CampaignSpec.model_validate(campaign["spec"])
+
+
+def _named(work: Job, name: str) -> Job:
+    work.name = name
+    return work
+
+
+# --- which job adds which ---
+
+
+def train_jobs(campaign_id: str, spec: CampaignSpec, generation: int) -> list[Job]:
+    workers = spec.workers
+    return [
+        route(
+            _named(
+                train_member(campaign_id, generation, member),
+                f"{campaign_id} train g{generation} m{member}",
+            ),
+            workers.gpu_category,
+            workers.training_priority,
+        )
+        for member in range(spec.training.committee_size)
+    ]
+
+
+def segment_job(campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int) -> Job:
+    work = md_segment(campaign_id, trajectory_id, segment)
+    name = f"{campaign_id} segment {trajectory_id.rsplit('-', 1)[1]} s{segment}"
+    return route(_named(work, name), spec.workers.gpu_category, spec.workers.sampling_priority)
+
+
+def audit_job(campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int) -> Job:
+    work = audit_segment(campaign_id, trajectory_id, segment)
+    name = f"{campaign_id} audit {trajectory_id.rsplit('-', 1)[1]} s{segment}"
+    return route(_named(work, name), spec.workers.cpu_category, spec.workers.audit_priority)
+
+
+def selection_job(campaign_id: str, spec: CampaignSpec, number: int) -> Job:
+    work = infer_and_select(campaign_id, number)
+    name = f"{campaign_id} select {number}"
+    return route(_named(work, name), spec.workers.gpu_category, spec.workers.inference_priority)
+
+
+def calculation_jobs(
+    campaign_id: str, spec: CampaignSpec, number: int, frame_ids: list[str]
+) -> list[Job]:
+    size = spec.calculations_per_job
+    batches = [frame_ids[start : start + size] for start in range(0, len(frame_ids), size)]
+    return [
+        route(
+            _named(calculate(campaign_id, batch), f"{campaign_id} calculate {number}.{index}"),
+            spec.workers.cpu_category,
+            spec.workers.calculation_priority,
+        )
+        for index, batch in enumerate(batches)
+    ]
+
+
+def next_training(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
+    """The next generation's members, if enough new data arrived and no round is running.
+
+    Once the budget is spent, any new result is enough: the last generation is
+    trained on everything the campaign paid for.
+    """
+    campaign = db.get_campaign(database, campaign_id)
+    required = 1 if campaign["budget"]["left"] == 0 else spec.retrain_freq
+    generation = db.claim_training_round(
+        database, campaign_id, db.newest_sequence(database, campaign_id), required
+    )
+    return [] if generation is None else train_jobs(campaign_id, spec, generation)
+
+
+def maybe_finish(database, campaign_id: str) -> None:
+    """Complete the campaign once the budget is spent, every result stored and trained on."""
+    campaign = db.get_campaign(database, campaign_id)
+    stored = db.count_results(database, campaign_id, source={"$ne": "initial"})
+    trained = db.newest_sequence(database, campaign_id) <= campaign["training"]["max_sequence"]
+    if (
+        campaign["budget"]["left"] == 0
+        and stored >= campaign["budget"]["spent"]
+        and not campaign["training"]["running"]
+        and trained
+    ):
+        db.finish_campaign(database, campaign_id, "reference budget spent")
+
+
+def next_selection(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
+    """An inference-and-selection job once enough frames are pooled (one waiting at most)."""
+    if db.count_pooled(database, campaign_id) < spec.inference_chunk:
+        return []
+    number = db.request_selection(database, campaign_id)
+    return [] if number is None else [selection_job(campaign_id, spec, number)]
+
+
+def _grow(output: dict, additions: list[Job], detour: Job | None = None) -> Response:
+    return Response(
+        output=output,
+        addition=Flow(additions) if additions else None,
+        detour=detour,
+    )
+
+
+# --- submitting ---
+
+
+def start_flow(campaign_id: str, spec: CampaignSpec) -> Flow:
+    """The workflow as submitted: one ingest job; everything else grows from it."""
+    work = _named(ingest(campaign_id), f"{campaign_id} ingest")
+    route(work, spec.workers.cpu_category, spec.workers.ingest_priority)
+    return Flow([work], name=f"fff campaign {campaign_id}")
+
+
+def submit_campaign(spec: CampaignSpec) -> str:
+    """Check the starting data, record the campaign and add its workflow; returns its id."""
+    from fff_jobs.workers import submit
+
+    load_starting_data(spec)
+    database = project_database()
+    campaign_id = new_campaign_id(spec.name)
+    db.create_campaign(database, campaign_id, spec.name, spec.model_dump(mode="json"))
+    submit(start_flow(campaign_id, spec))
+    return campaign_id
+
+
+# --- the jobs ---
+
+
+def load_starting_data(spec: CampaignSpec) -> tuple[list, list]:
+    """Starting structures and the frames labelled for generation 0, checked."""
+    from fff_jobs import structures
+
+    system = spec.system
+    if system.water_clusters is not None:
+        search_space = structures.water_search_space(system.water_clusters)
+        return search_space, []
+    search_space = structures.read_structures(system.starting_structures, system.structures)
+    initial = structures.read_structures(system.initial_data, system.structures)
+    return search_space, initial
+
+
+def _initial_frames(spec: CampaignSpec, search_space: list) -> list:
+    from fff_jobs import structures
+    from fff_jobs.reference import make_calculator
+
+    if spec.system.water_clusters is None:
+        return load_starting_data(spec)[1]
+    return structures.initial_frames(
+        search_space, spec.system.water_clusters, spec.md, make_calculator(spec.reference)
+    )
+
+
+def result_document(
+    result: ReferenceResult, campaign_id: str, result_id: str, source: str, **provenance
+) -> dict:
+    """What is stored of one reference calculation: the result, its source and provenance."""
+    return {
+        "_id": result_id,
+        "campaign_id": campaign_id,
+        "source": source,
+        **provenance,
+        **result.model_dump(mode="json"),
+    }
+
+
+@job
+def ingest(campaign_id: str) -> Response:
+    """Build the starting structures, label the initial data, and start generation 0."""
+    database = project_database()
+    spec = campaign_spec(db.get_campaign(database, campaign_id))
+    search_space, _ = load_starting_data(spec)
+    db.store_starting_structures(
+        database, campaign_id, [Frame.from_atoms(atoms).model_dump() for atoms in search_space]
+    )
+    frames = _initial_frames(spec, search_space)
+    ids = [f"{campaign_id}-initial-{index:05d}" for index in range(len(frames))]
+    missing = [
+        (i, atoms)
+        for i, atoms in zip(ids, frames, strict=True)
+        if not db.find_reference_result(database, i)
+    ]
+    results = compute_references([atoms for _, atoms in missing], spec.reference)
+    for (result_id, _), result in zip(missing, results, strict=True):
+        db.store_reference_result(
+            database, result_document(result, campaign_id, result_id, "initial")
+        )
+    succeeded = db.count_results(database, campaign_id, source="initial", success=True)
+    if succeeded < 2:
+        raise ValueError(
+            f"campaign {campaign_id}: only {succeeded} of {len(frames)} initial frames were "
+            "computed by the reference; check the reference settings and starting structures"
+        )
+    generation = db.claim_training_round(
+        database, campaign_id, db.newest_sequence(database, campaign_id), 1
+    )
+    additions = [] if generation is None else train_jobs(campaign_id, spec, generation)
+    return _grow({"initial_frames": len(frames), "succeeded": succeeded}, additions)
+
+
+def _training_frames(database, campaign_id: str, generation: int) -> list:
+    campaign = db.get_campaign(database, campaign_id)
+    max_sequence = campaign["training"]["rounds"][str(generation)]
+    fields = ReferenceResult.model_fields
+    return [
+        ReferenceResult.model_validate({key: doc[key] for key in fields if key in doc}).to_atoms()
+        for doc in db.training_results(database, campaign_id, max_sequence)
+    ]
+
+
+def _train_and_register(
+    database, campaign_id: str, spec: CampaignSpec, generation: int, member: int
+) -> dict:
+    from fff_jobs.training import member_seed, package_versions, training_set_hash
+    from fff_jobs.training import train_member as train
+
+    frames = _training_frames(database, campaign_id, generation)
+    parent_document = db.find_member(database, campaign_id, generation - 1, member)
+    parent = None
+    if spec.training.warm_start and parent_document is not None:
+        parent = (parent_document["hyperparameters"], db.load_weights(database, parent_document))
+    seed = member_seed(spec.training.seed, generation, member)
+    trained = train(frames, spec.model, spec.training, seed, parent)
+    record = {
+        "campaign_id": campaign_id,
+        "generation": generation,
+        "member": member,
+        "committee_size": spec.training.committee_size,
+        "hyperparameters": trained.hyperparameters,
+        "seed": seed,
+        "training_set_hash": training_set_hash(frames),
+        "training_set_size": len(frames),
+        "parent_model": parent_document["_id"] if parent else None,
+        "metrics": trained.metrics,
+        "epochs": trained.epochs,
+        "best_epoch": trained.best_epoch,
+        "wall_time": trained.wall_time,
+        "device": trained.device,
+        "versions": package_versions(),
+    }
+    document, _ = db.register_member(database, record, trained.model.state_dict())
+    return document
+
+
+def _follow_up_generation(
+    database, campaign_id: str, spec: CampaignSpec, generation: int
+) -> list[Job]:
+    """What the end of a training round adds: first segments, next round, or the end."""
+    documents = db.committee_documents(database, campaign_id, generation)
+    campaign = db.get_campaign(database, campaign_id)
+    force_mae = sum(d["metrics"]["validation_force_mae"] for d in documents) / len(documents)
+    energy_mae = sum(d["metrics"]["validation_energy_mae_per_atom"] for d in documents) / len(
+        documents
+    )
+    db.record_generation(
+        database,
+        campaign_id,
+        {
+            "generation": generation,
+            "training_set_size": documents[0]["training_set_size"],
+            "reference_spent": campaign["budget"]["spent"],
+            "validation_force_mae": force_mae,
+            "validation_energy_mae_per_atom": energy_mae,
+            "published_at": db.now(),
+        },
+    )
+    target = spec.target_force_error
+    if target is not None and force_mae <= target:
+        db.finish_campaign(
+            database,
+            campaign_id,
+            f"validation force error {force_mae:.4f} eV/A reached the target {target}",
+        )
+        return []
+    additions = _start_trajectories(database, campaign_id, spec) if generation == 0 else []
+    additions += next_training(database, campaign_id, spec)
+    maybe_finish(database, campaign_id)
+    return additions
+
+
+def _start_trajectories(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
+    starts = db.starting_structures(database, campaign_id)
+    jobs = []
+    for index in range(spec.trajectories):
+        start = starts[index % len(starts)]
+        trajectory_id = f"{campaign_id}-t{index:03d}"
+        created = db.create_trajectory(
+            database,
+            {
+                "_id": trajectory_id,
+                "campaign_id": campaign_id,
+                "index": index,
+                "start_frame": start["frame"],
+                "current_frame": start["frame"],
+                "run_length": spec.md.run_length,
+                "errors_per_step": [],
+                "segments_completed": 0,
+                "audits_completed": 0,
+                "failures": 0,
+                "restarts": 0,
+                "status": "sampling",
+            },
+        )
+        if created:
+            jobs.append(segment_job(campaign_id, spec, trajectory_id, 0))
+    return jobs
+
+
+@job
+def train_member(campaign_id: str, generation: int, member: int) -> Response:
+    """Train one committee member on the round's training set and register it."""
+    database = project_database()
+    spec = campaign_spec(db.get_campaign(database, campaign_id))
+    document = db.find_member(database, campaign_id, generation, member)
+    if document is None:
+        document = _train_and_register(database, campaign_id, spec, generation, member)
+    additions = []
+    if db.current_generation(database, campaign_id) == generation and db.claim_generation_follow_up(
+        database, campaign_id, generation
+    ):
+        additions = _follow_up_generation(database, campaign_id, spec, generation)
+    return _grow({"model_id": document["_id"], "metrics": document["metrics"]}, additions)
+
+
+def _sampling_calculator(database, campaign_id: str, spec: CampaignSpec):
+    """The newest committee's first member as an ASE calculator, and its generation."""
+    import mace  # noqa: F401  (mace before e3nn)
+    from mace.calculators import MACECalculator
+
+    from fff_jobs.committee import load_member
+    from fff_jobs.training import resolve_device
+
+    generation = db.current_generation(database, campaign_id)
+    document = db.committee_documents(database, campaign_id, generation)[0]
+    device = resolve_device(spec.md.device)
+    model = load_member(document["hyperparameters"], db.load_weights(database, document), device)
+    dtype = document["hyperparameters"]["dtype"]
+    return MACECalculator(models=[model], device=device, default_dtype=dtype), generation
+
+
+def _segment_seed(trajectory_id: str, segment: int) -> int:
+    return zlib.crc32(f"{trajectory_id}/{segment}".encode())
+
+
+@job
+def md_segment(campaign_id: str, trajectory_id: str, segment: int) -> Response:
+    """Run one MD segment with the newest model, pool its frames and add its audit."""
+    from fff_jobs.sampling import run_segment
+
+    database = project_database()
+    trajectory = db.get_trajectory(database, trajectory_id)
+    if trajectory["segments_completed"] > segment:
+        return Response(output={"repeated": True})
+    campaign = db.get_campaign(database, campaign_id)
+    spec = campaign_spec(campaign)
+    if campaign["status"] != db.RUNNING or campaign["budget"]["left"] == 0:
+        db.set_trajectory_status(database, trajectory_id, "stopped")
+        return Response(output={"stopped": campaign["stop_reason"] or "reference budget spent"})
+    calculator, generation = _sampling_calculator(database, campaign_id, spec)
+    start = Frame.model_validate(trajectory["current_frame"]).to_atoms()
+    result = run_segment(
+        start,
+        calculator,
+        spec.md,
+        num_steps=trajectory["run_length"],
+        seed=_segment_seed(trajectory_id, segment),
+    )
+    prefix = f"{trajectory_id}-s{segment:04d}"
+    db.pool_frames(
+        database,
+        [
+            {
+                "_id": f"{prefix}-f{index:03d}",
+                "campaign_id": campaign_id,
+                "trajectory_id": trajectory_id,
+                "segment": segment,
+                "generation": generation,
+                "frame": frame.model_dump(),
+                "sampling_energy": energy,
+            }
+            for index, (frame, energy) in enumerate(
+                zip(result.frames, result.energies, strict=True)
+            )
+        ],
+    )
+    summary = {
+        "final_frame": result.final_frame.model_dump(),
+        "final_energy": result.final_energy,
+        "steps": result.steps,
+        "flag": result.flag,
+        "detail": result.detail,
+        "generation": generation,
+        "wall_time": result.wall_time,
+    }
+    output = {
+        "steps": result.steps,
+        "frames": len(result.frames),
+        "flag": result.flag,
+        "generation": generation,
+    }
+    if not db.complete_segment(database, trajectory_id, segment, summary):
+        return Response(output=output | {"repeated": True})
+    audit = audit_job(campaign_id, spec, trajectory_id, segment)
+    return _grow(output, next_selection(database, campaign_id, spec), detour=audit)
+
+
+def _audit_result(
+    database, campaign_id: str, spec: CampaignSpec, trajectory: dict, segment: int
+) -> dict | None:
+    """The stored reference result of a segment's final frame, computed now if need be."""
+    result_id = f"{trajectory['_id']}-s{segment:04d}-audit"
+    stored = db.find_reference_result(database, result_id)
+    if stored is not None:
+        return stored
+    if not db.claim_budget(database, campaign_id, result_id):
+        return None
+    last = trajectory["last_segment"]
+    (result,) = compute_references(
+        [Frame.model_validate(last["final_frame"]).to_atoms()], spec.reference
+    )
+    document = result_document(
+        result,
+        campaign_id,
+        result_id,
+        "audit",
+        trajectory_id=trajectory["_id"],
+        segment=segment,
+        generation=last["generation"],
+    )
+    db.store_reference_result(database, document)
+    return document
+
+
+@job
+def audit_segment(campaign_id: str, trajectory_id: str, segment: int) -> Response:
+    """Compute a segment's final frame with the reference; continue or restart the trajectory."""
+    from fff_jobs.sampling import audit_decision
+
+    database = project_database()
+    trajectory = db.get_trajectory(database, trajectory_id)
+    if trajectory["audits_completed"] > segment:
+        return Response(output={"repeated": True})
+    spec = campaign_spec(db.get_campaign(database, campaign_id))
+    result = _audit_result(database, campaign_id, spec, trajectory, segment)
+    if result is None:
+        db.set_trajectory_status(database, trajectory_id, "stopped")
+        maybe_finish(database, campaign_id)
+        return Response(output={"stopped": "reference budget spent"})
+    last = trajectory["last_segment"]
+    decision = audit_decision(
+        last["final_energy"],
+        result["energy"] if result["success"] else None,
+        len(last["final_frame"]["numbers"]),
+        last["steps"],
+        last["flag"],
+        trajectory["errors_per_step"],
+        trajectory["run_length"],
+        spec.audit,
+    )
+    passed = decision.action == "continue"
+    failures = 0 if passed else trajectory["failures"] + 1
+    retired = failures >= spec.max_trajectory_failures
+    changes = {
+        "current_frame": last["final_frame"] if passed else trajectory["start_frame"],
+        "run_length": decision.run_length,
+        "error_per_step": decision.error_per_step,
+        "failures": failures,
+        "restarts": trajectory["restarts"] + (not passed),
+        "status": "retired" if retired else "sampling",
+        "last_audit": decision.model_dump(),
+    }
+    if not db.complete_audit(database, trajectory_id, segment, changes, spec.audit.error_history):
+        return Response(output={"repeated": True})
+    db.annotate_audit(database, result["_id"], decision.model_dump())
+    additions = next_training(database, campaign_id, spec)
+    campaign = db.get_campaign(database, campaign_id)
+    if not retired and campaign["status"] == db.RUNNING and campaign["budget"]["left"] > 0:
+        additions.append(segment_job(campaign_id, spec, trajectory_id, segment + 1))
+    maybe_finish(database, campaign_id)
+    return _grow({"decision": decision.model_dump(), "retired": retired}, additions)
+
+
+@job
+def infer_and_select(campaign_id: str, number: int) -> Response:
+    """Score the pooled frames with the committee and pick the next batch to calculate."""
+    database = project_database()
+    selection_id = f"{campaign_id}-sel{number:04d}"
+    if db.get_selection(database, selection_id) is not None:
+        return Response(output={"repeated": True})
+    campaign = db.get_campaign(database, campaign_id)
+    spec = campaign_spec(campaign)
+    frames = db.claim_pooled_frames(database, campaign_id, selection_id)
+    batch_size = min(spec.selection.batch_size, campaign["budget"]["left"])
+    selected, spreads, generation = [], [], db.current_generation(database, campaign_id)
+    if frames and batch_size > 0:
+        selected, spreads = _select(database, campaign_id, spec, frames, batch_size)
+    stored = db.store_selection(
+        database,
+        {
+            "_id": selection_id,
+            "campaign_id": campaign_id,
+            "generation": generation,
+            "frame_ids": [frame["_id"] for frame in frames],
+            "spreads": spreads,
+            "selected": selected,
+        },
+    )
+    db.release_selection(database, campaign_id)
+    if not stored:
+        return Response(output={"repeated": True})
+    additions = calculation_jobs(campaign_id, spec, number, selected)
+    additions += next_selection(database, campaign_id, spec)
+    return _grow({"scored": len(frames), "selected": len(selected)}, additions)
+
+
+def _select(database, campaign_id: str, spec: CampaignSpec, frames: list[dict], batch_size: int):
+    """Frame ids picked by the selection method, and every frame's committee spread (eV/atom)."""
+    import mace  # noqa: F401  (mace before e3nn)
+
+    from fff_jobs.committee import load_committee, predict_committee
+    from fff_jobs.selection import select_frames
+
+    _, models = load_committee(database, campaign_id)
+    atoms = [Frame.model_validate(frame["frame"]).to_atoms() for frame in frames]
+    method = spec.selection.method
+    prediction = predict_committee(
+        models, atoms, descriptors=method == "farthest_point", batch_size=spec.inference_batch_size
+    )
+    sizes = [len(a) for a in atoms]
+    per_atom = prediction.energies / sizes
+    settings = SelectionSettings.model_validate(
+        spec.selection.model_dump() | {"batch_size": batch_size}
+    )
+    picked = select_frames(per_atom.T, settings, prediction.descriptors)
+    spreads = [float(value) for value in prediction.energy_per_atom_std]
+    return [frames[index]["_id"] for index in picked], spreads
+
+
+@job
+def calculate(campaign_id: str, frame_ids: list[str]) -> Response:
+    """Compute selected frames with the reference; may start the next training round."""
+    database = project_database()
+    spec = campaign_spec(db.get_campaign(database, campaign_id))
+    computed = 0
+    for frame in db.get_frames(database, frame_ids):
+        result_id = f"{frame['_id']}-active"
+        if db.find_reference_result(database, result_id) or not db.claim_budget(
+            database, campaign_id, result_id
+        ):
+            continue
+        (result,) = compute_references(
+            [Frame.model_validate(frame["frame"]).to_atoms()], spec.reference
+        )
+        document = result_document(
+            result,
+            campaign_id,
+            result_id,
+            "active",
+            trajectory_id=frame["trajectory_id"],
+            segment=frame["segment"],
+            generation=frame["generation"],
+            selection_id=frame["selection_id"],
+            frame_id=frame["_id"],
+        )
+        computed += db.store_reference_result(database, document)
+    additions = next_training(database, campaign_id, spec)
+    maybe_finish(database, campaign_id)
+    return _grow({"computed": computed}, additions)

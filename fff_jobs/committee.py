@@ -1,0 +1,208 @@
+"""The MACE committee at work: rebuild members from weights, batched inference, model export.
+
+Members travel as (hyperparameters, state dict) and are rebuilt here; nothing is
+unpickled. Inference batches structures through mace's data loaders and runs every
+member on each batch, on ``cuda`` when present. The last two functions read members
+from the model registry (:mod:`fff_jobs.database`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mace  # noqa: F401  (mace must be imported before e3nn)
+import numpy as np
+import torch
+from ase import Atoms
+from e3nn import o3
+from mace.modules.utils import extract_invariant
+from mace.tools import torch_geometric
+from mace.tools.scatter import scatter_mean
+from mace.tools.train import preserve_grad_state
+from pymongo.database import Database
+
+from fff_jobs import database as registry
+from fff_jobs.training import (
+    build_model,
+    check_elements,
+    default_dtype,
+    resolve_device,
+    to_atomic_data,
+)
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass
+class CommitteePrediction:
+    """Predictions of every member for a list of structures (energies in eV, forces in eV/A)."""
+
+    energies: np.ndarray  # (members, structures)
+    energy_per_atom_mean: np.ndarray  # (structures,)
+    energy_per_atom_std: np.ndarray  # (structures,): spread over members, population std
+    forces: list[np.ndarray] | None = None  # per structure: (members, atoms, 3)
+    descriptors: np.ndarray | None = None  # (structures, features): first member's invariants
+
+    @property
+    def energy_mean(self) -> np.ndarray:
+        """Committee mean of the energy of each structure."""
+        return self.energies.mean(axis=0)
+
+
+def load_member(
+    hyperparameters: dict, state_dict: Mapping[str, torch.Tensor], device: str = "cpu"
+) -> torch.nn.Module:
+    """A committee member rebuilt from its hyperparameters and weights, ready for inference."""
+    model = build_model(hyperparameters)
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+def _committee_geometry(models: Sequence[torch.nn.Module]) -> tuple[list[int], float]:
+    """Elements and cutoff shared by all members (a clear error if they differ)."""
+    if not models:
+        raise ValueError("a committee needs at least one member")
+    elements = [int(z) for z in models[0].atomic_numbers]
+    r_max = float(models[0].r_max)
+    for index, model in enumerate(models):
+        if [int(z) for z in model.atomic_numbers] != elements or float(model.r_max) != r_max:
+            raise ValueError(
+                f"committee member {index} differs from member 0 in its elements or cutoff: "
+                "a committee must share them; evaluate such models separately"
+            )
+    return elements, r_max
+
+
+def _descriptors(model: torch.nn.Module, output: dict, batch) -> torch.Tensor:
+    """Mean over the atoms of each structure of the invariant node features (as mace's eval)."""
+    irreps_out = o3.Irreps(str(model.products[0].linear.irreps_out))
+    features = irreps_out.dim // (irreps_out.lmax + 1) ** 2
+    num_layers = int(model.num_interactions)
+    invariants = extract_invariant(
+        output["node_feats"], num_layers=num_layers, num_features=features, l_max=irreps_out.lmax
+    )
+    return scatter_mean(invariants, batch.batch, dim=0, dim_size=batch.num_graphs)
+
+
+def _evaluate_batch(
+    models: Sequence[torch.nn.Module], batch, compute_forces: bool, descriptors: bool
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
+    """Energies (members, graphs), forces per structure (members, atoms, 3), descriptors."""
+    energies, forces, features = [], [], None
+    for index, model in enumerate(models):
+        with torch.set_grad_enabled(compute_forces):
+            output = model(batch.clone().to_dict(), training=False, compute_force=compute_forces)
+        energies.append(output["energy"].detach())
+        if compute_forces:
+            forces.append(output["forces"].detach())
+        if descriptors and index == 0:
+            features = _descriptors(model, output, batch).detach().cpu().numpy()
+    per_structure = []
+    if compute_forces:
+        stacked = torch.stack(forces).cpu().numpy()
+        bounds = batch.ptr.cpu().numpy()
+        per_structure = [stacked[:, a:b] for a, b in itertools.pairwise(bounds)]
+    return torch.stack(energies).cpu().numpy(), per_structure, features
+
+
+def predict_committee(
+    models: Sequence[torch.nn.Module],
+    frames: Sequence[Atoms],
+    compute_forces: bool = False,
+    descriptors: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+) -> CommitteePrediction:
+    """Every member's energy (and forces) for every structure, in batches through mace's loaders.
+
+    The members are moved to ``device`` (``auto``: cuda when present). Raises
+    :class:`fff_jobs.training.UnknownElementError` naming the first structure with an
+    element the committee was not built for.
+    """
+    elements, r_max = _committee_geometry(models)
+    check_elements(frames, elements, "the committee")
+    target = torch.device(resolve_device(device))
+    dtype = str(next(models[0].parameters()).dtype).removeprefix("torch.")
+    with default_dtype(dtype), preserve_grad_state(torch.nn.ModuleList(models)):
+        members = [model.to(target) for model in models]
+        loader = torch_geometric.dataloader.DataLoader(
+            to_atomic_data(frames, elements, r_max), batch_size=batch_size, shuffle=False
+        )
+        results = [
+            _evaluate_batch(members, batch.to(target), compute_forces, descriptors)
+            for batch in loader
+        ]
+    return _prediction(frames, len(models), results)
+
+
+def _prediction(frames: Sequence[Atoms], size: int, results: list[tuple]) -> CommitteePrediction:
+    energies = np.concatenate([result[0] for result in results] or [np.zeros((size, 0))], axis=1)
+    per_atom = energies / np.array([len(atoms) for atoms in frames])
+    forces = [structure for result in results for structure in result[1]]
+    features = [result[2] for result in results if result[2] is not None]
+    return CommitteePrediction(
+        energies=energies,
+        energy_per_atom_mean=per_atom.mean(axis=0),
+        energy_per_atom_std=per_atom.std(axis=0),
+        forces=forces or None,
+        descriptors=np.concatenate(features) if features else None,
+    )
+
+
+def export_model(
+    hyperparameters: dict, state_dict: Mapping[str, torch.Tensor], path: str | Path
+) -> Path:
+    """Write a member as a mace ``.model`` file (a pickled module, as mace-torch writes and
+    reads them: ``MACECalculator(model_paths=[path])``, ``mace_eval_configs --model path``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(load_member(hyperparameters, state_dict, device="cpu"), path)
+    return path
+
+
+def load_committee(
+    database: Database,
+    campaign_id: str,
+    generation: int | None = None,
+    device: str = "auto",
+    cache_directory: Path | None = None,
+) -> tuple[list[dict], list[torch.nn.Module]]:
+    """Registry documents and rebuilt models of a committee (default: the current generation)."""
+    documents = registry.committee_documents(database, campaign_id, generation)
+    models = [
+        load_member(
+            document["hyperparameters"],
+            registry.load_weights(database, document, cache_directory),
+            resolve_device(device),
+        )
+        for document in documents
+    ]
+    return documents, models
+
+
+def export_model_files(
+    database: Database,
+    campaign_id: str,
+    generation: int | None,
+    member: int | None,
+    output_dir: str | Path,
+) -> list[Path]:
+    """Write ``<model id>.model`` files for one member or (member None) the whole committee."""
+    documents = registry.committee_documents(database, campaign_id, generation)
+    if member is not None:
+        documents = [document for document in documents if document["member"] == member]
+        if not documents:
+            raise registry.RegistryError(
+                f"campaign {campaign_id!r} has no member {member} in that generation"
+            )
+    return [
+        export_model(
+            document["hyperparameters"],
+            registry.load_weights(database, document),
+            Path(output_dir) / f"{document['_id']}.model",
+        )
+        for document in documents
+    ]

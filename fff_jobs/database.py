@@ -1,0 +1,556 @@
+"""The project's own MongoDB collections: every collection, index and atomic update fff-jobs adds.
+
+For now the model registry:
+
+- ``models``: one document per trained committee member, ``_id`` ``<campaign>-g<gen>-m<member>``
+  (unique on campaign, generation, member): hyperparameters, seed, training-set
+  hash, metrics, provenance and the sha256 of its weights.
+- ``model_weights`` (a GridFS bucket): the weights, a ``torch.save``\\ d state dict,
+  loaded back with ``weights_only=True``; never a pickled module.
+- ``model_registry``: one document per campaign holding the current generation,
+  advanced by a single atomic update once every member of a generation is
+  registered, so readers never see half a committee.
+
+Workers cache downloaded weights on local disk by content hash.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import gridfs
+import pymongo
+import torch
+from pymongo.database import Database
+
+MODELS = "models"
+MODEL_WEIGHTS_BUCKET = "model_weights"
+MODEL_REGISTRY = "model_registry"
+
+NO_GENERATION = -1
+CACHE_ENVIRONMENT_VARIABLE = "FFF_MODEL_CACHE"
+
+
+class RegistryError(RuntimeError):
+    """The model registry cannot give what was asked: a model or its weights are missing or
+    damaged."""
+
+
+def model_id(campaign_id: str, generation: int, member: int) -> str:
+    """The registry id of one committee member."""
+    return f"{campaign_id}-g{generation:03d}-m{member:02d}"
+
+
+def ensure_indexes(database: Database) -> None:
+    """Create the registry's indexes (idempotent)."""
+    database[MODELS].create_index(
+        [("campaign_id", 1), ("generation", 1), ("member", 1)], unique=True, name="member_unique"
+    )
+
+
+def weights_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as bytes (``torch.save``), moved to the CPU first."""
+    buffer = io.BytesIO()
+    torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
+def weights_from_bytes(content: bytes) -> dict[str, torch.Tensor]:
+    """A state dict from bytes, loaded with ``weights_only=True`` (no code runs)."""
+    return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+
+
+def weights_bucket(database: Database) -> gridfs.GridFS:
+    """The GridFS collection of model weights.
+
+    The classic ``GridFS`` API rather than ``GridFSBucket``: FireWorks' embedded
+    store (mongomock) supports only the former.
+    """
+    return gridfs.GridFS(database, collection=MODEL_WEIGHTS_BUCKET)
+
+
+def find_member(database: Database, campaign_id: str, generation: int, member: int) -> dict | None:
+    """The registry document of one member, or None."""
+    return database[MODELS].find_one({"_id": model_id(campaign_id, generation, member)})
+
+
+def register_member(
+    database: Database,
+    record: dict,
+    state_dict: Mapping[str, torch.Tensor],
+) -> tuple[dict, bool]:
+    """Store a member's weights in GridFS and its ``record`` in the registry.
+
+    ``record`` holds at least campaign_id, generation, member, committee_size and
+    hyperparameters. Returns (document, created): a member registered before is
+    returned as it is (created False) and nothing new is stored, so re-runs are safe.
+    Publishes the generation once its last member is registered.
+    """
+    ensure_indexes(database)
+    key = model_id(record["campaign_id"], record["generation"], record["member"])
+    existing = database[MODELS].find_one({"_id": key})
+    if existing is not None:
+        return existing, False
+    content = weights_to_bytes(state_dict)
+    sha256 = hashlib.sha256(content).hexdigest()
+    bucket = weights_bucket(database)
+    weights_id = bucket.put(content, filename=f"{key}.pt", metadata={"sha256": sha256})
+    document = record | {
+        "_id": key,
+        "weights_id": weights_id,
+        "weights_sha256": sha256,
+        "weights_bytes": len(content),
+        "registered_at": datetime.datetime.now(datetime.UTC),
+    }
+    try:
+        database[MODELS].insert_one(document)
+    except BaseException as error:
+        bucket.delete(weights_id)
+        if isinstance(error, pymongo.errors.DuplicateKeyError):
+            return database[MODELS].find_one({"_id": key}), False
+        raise
+    publish_generation(database, record["campaign_id"], record["generation"])
+    return document, True
+
+
+def publish_generation(database: Database, campaign_id: str, generation: int) -> bool:
+    """Make ``generation`` current if all its members are registered and it is newer.
+
+    One conditional ``find_one_and_update``: of two workers finishing the last
+    members at once, both may call this and the result is the same. Returns whether
+    this call advanced the current generation.
+    """
+    members = list(
+        database[MODELS].find(
+            {"campaign_id": campaign_id, "generation": generation},
+            {"_id": 1, "committee_size": 1},
+        )
+    )
+    if not members or len(members) < members[0]["committee_size"]:
+        return False
+    registry = database[MODEL_REGISTRY]
+    registry.update_one(
+        {"_id": campaign_id}, {"$setOnInsert": {"current_generation": NO_GENERATION}}, upsert=True
+    )
+    previous = registry.find_one_and_update(
+        {"_id": campaign_id, "current_generation": {"$lt": generation}},
+        {
+            "$set": {
+                "current_generation": generation,
+                "members": sorted(member["_id"] for member in members),
+                "published_at": datetime.datetime.now(datetime.UTC),
+            }
+        },
+    )
+    return previous is not None
+
+
+def current_generation(database: Database, campaign_id: str) -> int | None:
+    """The campaign's newest complete generation, or None before the first one."""
+    document = database[MODEL_REGISTRY].find_one({"_id": campaign_id})
+    if document is None or document["current_generation"] == NO_GENERATION:
+        return None
+    return document["current_generation"]
+
+
+def committee_documents(
+    database: Database, campaign_id: str, generation: int | None = None
+) -> list[dict]:
+    """Registry documents of a generation's members (default: the current one), by member."""
+    if generation is None:
+        generation = current_generation(database, campaign_id)
+        if generation is None:
+            raise RegistryError(
+                f"campaign {campaign_id!r} has no complete committee yet: train generation 0 first"
+            )
+    documents = list(
+        database[MODELS]
+        .find({"campaign_id": campaign_id, "generation": generation})
+        .sort("member", 1)
+    )
+    if not documents:
+        raise RegistryError(
+            f"campaign {campaign_id!r} has no models of generation {generation} in the registry"
+        )
+    return documents
+
+
+def model_cache_directory() -> Path:
+    """Where a worker keeps downloaded weights: ``$FFF_MODEL_CACHE`` or ~/.cache/fff-jobs/models."""
+    default = Path.home() / ".cache" / "fff-jobs" / "models"
+    return Path(os.environ.get(CACHE_ENVIRONMENT_VARIABLE, default))
+
+
+def _download(database: Database, document: dict) -> bytes:
+    try:
+        return weights_bucket(database).get(document["weights_id"]).read()
+    except gridfs.errors.NoFile:
+        raise RegistryError(
+            f"model {document['_id']}: its weights ({document['weights_id']}) are missing from "
+            f"the GridFS bucket {MODEL_WEIGHTS_BUCKET!r}; delete this registry document and "
+            f"retrain the member"
+        ) from None
+
+
+def load_weights(
+    database: Database, document: dict, cache_directory: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict of a registered member, from the local cache or downloaded into it.
+
+    The content is checked against the registered sha256; a mismatch is an error
+    that names the model (a damaged cache file is downloaded again).
+    """
+    sha256 = document["weights_sha256"]
+    cached = (cache_directory or model_cache_directory()) / f"{sha256}.pt"
+    if cached.is_file():
+        content = cached.read_bytes()
+        if hashlib.sha256(content).hexdigest() == sha256:
+            return weights_from_bytes(content)
+    content = _download(database, document)
+    if hashlib.sha256(content).hexdigest() != sha256:
+        raise RegistryError(
+            f"model {document['_id']}: the weights in GridFS do not match the registered sha256 "
+            f"{sha256}; they were changed or damaged: delete this registry document and "
+            f"retrain the member"
+        )
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_suffix(f".{os.getpid()}.partial")
+    partial.write_bytes(content)
+    partial.replace(cached)
+    return weights_from_bytes(content)
+
+
+# --- campaign state: campaigns, reference results, trajectories, the frame pool, selections ---
+
+CAMPAIGNS = "campaigns"
+REFERENCE_RESULTS = "reference_results"
+STARTING_STRUCTURES = "starting_structures"
+TRAJECTORIES = "trajectories"
+FRAME_POOL = "frame_pool"
+SELECTIONS = "selections"
+
+RUNNING, COMPLETE = "running", "complete"
+POOLED, CLAIMED, SELECTED, DISCARDED = "pooled", "claimed", "selected", "discarded"
+
+
+class CampaignNotFoundError(LookupError):
+    """No campaign with that id in the database."""
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def ensure_campaign_indexes(database: Database) -> None:
+    """Indexes of the campaign collections (idempotent)."""
+    database[REFERENCE_RESULTS].create_index([("campaign_id", 1), ("sequence", 1)])
+    database[REFERENCE_RESULTS].create_index([("campaign_id", 1), ("source", 1)])
+    database[REFERENCE_RESULTS].create_index([("trajectory_id", 1), ("segment", 1)])
+    database[FRAME_POOL].create_index([("campaign_id", 1), ("status", 1)])
+    database[FRAME_POOL].create_index([("selection_id", 1)])
+    database[TRAJECTORIES].create_index([("campaign_id", 1), ("index", 1)], unique=True)
+    database[STARTING_STRUCTURES].create_index([("campaign_id", 1), ("index", 1)], unique=True)
+
+
+def create_campaign(database: Database, campaign_id: str, name: str, spec: dict) -> dict:
+    """Insert a new campaign document; its id must be new."""
+    ensure_indexes(database)
+    ensure_campaign_indexes(database)
+    document = {
+        "_id": campaign_id,
+        "name": name,
+        "spec": spec,
+        "status": RUNNING,
+        "stop_reason": None,
+        "created_at": now(),
+        "budget": {
+            "num_to_run": spec["num_to_run"],
+            "spent": 0,
+            "left": spec["num_to_run"],
+            "claims": [],
+        },
+        "sequence": 0,
+        "training": {
+            "running": False,
+            "generation": NO_GENERATION,
+            "max_sequence": 0,
+            "rounds": {},
+        },
+        "followed_up_generation": NO_GENERATION,
+        "selection": {"pending": False, "count": 0},
+        "generations": [],
+    }
+    database[CAMPAIGNS].insert_one(document)
+    return document
+
+
+def get_campaign(database: Database, campaign_id: str) -> dict:
+    """The campaign document, or an error that says how to find the right id."""
+    document = database[CAMPAIGNS].find_one({"_id": campaign_id})
+    if document is None:
+        raise CampaignNotFoundError(
+            f"no campaign {campaign_id!r} in this database: `fff status` lists the campaigns"
+        )
+    return document
+
+
+def list_campaigns(database: Database) -> list[dict]:
+    """Every campaign, newest first, without its claims."""
+    projection = {"budget.claims": 0}
+    return list(database[CAMPAIGNS].find({}, projection).sort("created_at", -1))
+
+
+def claim_budget(database: Database, campaign_id: str, result_id: str) -> bool:
+    """Spend one reference calculation on ``result_id``; False when the budget is gone.
+
+    One conditional update: the id joins the claims only while fewer than
+    num_to_run are claimed, so concurrent workers never overspend; a re-run of
+    the same calculation finds its claim and may go on.
+    """
+    claimed = database[CAMPAIGNS].find_one_and_update(
+        {
+            "_id": campaign_id,
+            "status": RUNNING,
+            "budget.left": {"$gt": 0},
+            "budget.claims": {"$ne": result_id},
+        },
+        {
+            "$inc": {"budget.spent": 1, "budget.left": -1},
+            "$push": {"budget.claims": result_id},
+        },
+        projection={"_id": 1},
+    )
+    if claimed is not None:
+        return True
+    return database[CAMPAIGNS].count_documents({"_id": campaign_id, "budget.claims": result_id}) > 0
+
+
+def store_reference_result(database: Database, document: dict) -> bool:
+    """Insert one reference result (``_id`` chosen by the caller); False if it was stored before.
+
+    Each result gets the next ``sequence`` number of its campaign: a training
+    round takes every successful result up to a sequence number.
+    """
+    if database[REFERENCE_RESULTS].count_documents({"_id": document["_id"]}, limit=1):
+        return False
+    campaign = database[CAMPAIGNS].find_one_and_update(
+        {"_id": document["campaign_id"]},
+        {"$inc": {"sequence": 1}},
+        projection={"sequence": 1},
+        return_document=pymongo.ReturnDocument.AFTER,
+    )
+    try:
+        database[REFERENCE_RESULTS].insert_one(
+            document | {"sequence": campaign["sequence"], "stored_at": now()}
+        )
+    except pymongo.errors.DuplicateKeyError:
+        return False
+    return True
+
+
+def find_reference_result(database: Database, result_id: str) -> dict | None:
+    return database[REFERENCE_RESULTS].find_one({"_id": result_id})
+
+
+def training_results(database: Database, campaign_id: str, max_sequence: int) -> list[dict]:
+    """Successful reference results up to a sequence number, in order: a round's training set."""
+    query = {"campaign_id": campaign_id, "success": True, "sequence": {"$lte": max_sequence}}
+    return list(database[REFERENCE_RESULTS].find(query).sort("sequence", 1))
+
+
+def count_results(database: Database, campaign_id: str, **conditions) -> int:
+    return database[REFERENCE_RESULTS].count_documents({"campaign_id": campaign_id, **conditions})
+
+
+def newest_sequence(database: Database, campaign_id: str) -> int:
+    """Sequence number of the newest successful result (0 before any)."""
+    newest = database[REFERENCE_RESULTS].find_one(
+        {"campaign_id": campaign_id, "success": True}, sort=[("sequence", -1)]
+    )
+    return newest["sequence"] if newest else 0
+
+
+def claim_training_round(
+    database: Database, campaign_id: str, newest: int, required_new: int
+) -> int | None:
+    """Start the next training generation if none is running and enough new data arrived.
+
+    One conditional update (on the generation read just before), so two workers
+    never start the same round. The round trains on every successful result up
+    to sequence ``newest``. Returns the generation to train, or None.
+    """
+    generation = get_campaign(database, campaign_id)["training"]["generation"] + 1
+    before = database[CAMPAIGNS].find_one_and_update(
+        {
+            "_id": campaign_id,
+            "status": RUNNING,
+            "training.running": False,
+            "training.generation": generation - 1,
+            "training.max_sequence": {"$lte": newest - required_new},
+        },
+        {
+            "$set": {
+                "training.running": True,
+                "training.generation": generation,
+                "training.max_sequence": newest,
+                f"training.rounds.{generation}": newest,
+            }
+        },
+        projection={"_id": 1},
+    )
+    return None if before is None else generation
+
+
+def claim_generation_follow_up(database: Database, campaign_id: str, generation: int) -> bool:
+    """True for exactly one caller once ``generation`` is published: it ends the round."""
+    before = database[CAMPAIGNS].find_one_and_update(
+        {"_id": campaign_id, "followed_up_generation": {"$lt": generation}},
+        {
+            "$set": {"followed_up_generation": generation, "training.running": False},
+        },
+        projection={"_id": 1},
+    )
+    return before is not None
+
+
+def record_generation(database: Database, campaign_id: str, summary: dict) -> None:
+    """Append one generation's figures (errors, data size, budget spent) to the campaign."""
+    database[CAMPAIGNS].update_one({"_id": campaign_id}, {"$push": {"generations": summary}})
+
+
+def finish_campaign(database: Database, campaign_id: str, reason: str) -> bool:
+    """Mark a running campaign complete; True for the one caller that did."""
+    before = database[CAMPAIGNS].find_one_and_update(
+        {"_id": campaign_id, "status": RUNNING},
+        {"$set": {"status": COMPLETE, "stop_reason": reason, "finished_at": now()}},
+        projection={"_id": 1},
+    )
+    return before is not None
+
+
+def store_starting_structures(database: Database, campaign_id: str, frames: list[dict]) -> None:
+    """The campaign's search space: trajectories start (and restart) from these."""
+    for index, frame in enumerate(frames):
+        database[STARTING_STRUCTURES].update_one(
+            {"_id": f"{campaign_id}-start{index:04d}"},
+            {"$setOnInsert": {"campaign_id": campaign_id, "index": index, "frame": frame}},
+            upsert=True,
+        )
+
+
+def starting_structures(database: Database, campaign_id: str) -> list[dict]:
+    query = {"campaign_id": campaign_id}
+    return list(database[STARTING_STRUCTURES].find(query).sort("index", 1))
+
+
+def create_trajectory(database: Database, document: dict) -> bool:
+    """Insert a trajectory (``_id`` chosen by the caller); False if it exists."""
+    try:
+        database[TRAJECTORIES].insert_one(document)
+    except pymongo.errors.DuplicateKeyError:
+        return False
+    return True
+
+
+def get_trajectory(database: Database, trajectory_id: str) -> dict:
+    return database[TRAJECTORIES].find_one({"_id": trajectory_id})
+
+
+def complete_segment(database: Database, trajectory_id: str, segment: int, summary: dict) -> bool:
+    """Record a finished segment; True only for the first completion of that segment."""
+    before = database[TRAJECTORIES].find_one_and_update(
+        {"_id": trajectory_id, "segments_completed": segment},
+        {"$set": {"segments_completed": segment + 1, "last_segment": summary}},
+        projection={"_id": 1},
+    )
+    return before is not None
+
+
+def complete_audit(
+    database: Database, trajectory_id: str, segment: int, changes: dict, error_history: int
+) -> bool:
+    """Apply an audit's decision to its trajectory; True only for the first time."""
+    error = changes.pop("error_per_step", None)
+    update: dict = {"$set": {"audits_completed": segment + 1, **changes}}
+    if error is not None:
+        update["$push"] = {"errors_per_step": {"$each": [error], "$slice": -error_history}}
+    before = database[TRAJECTORIES].find_one_and_update(
+        {"_id": trajectory_id, "audits_completed": segment}, update, projection={"_id": 1}
+    )
+    return before is not None
+
+
+def annotate_audit(database: Database, result_id: str, decision: dict) -> None:
+    """Attach an audit's decision to the reference result of the audited frame."""
+    database[REFERENCE_RESULTS].update_one({"_id": result_id}, {"$set": {"audit": decision}})
+
+
+def set_trajectory_status(database: Database, trajectory_id: str, status: str) -> None:
+    database[TRAJECTORIES].update_one({"_id": trajectory_id}, {"$set": {"status": status}})
+
+
+def pool_frames(database: Database, frames: list[dict]) -> None:
+    """Add sampled frames to the pool (``_id`` chosen by the caller, so re-runs add nothing)."""
+    for frame in frames:
+        database[FRAME_POOL].update_one(
+            {"_id": frame["_id"]}, {"$setOnInsert": frame | {"status": POOLED}}, upsert=True
+        )
+
+
+def count_pooled(database: Database, campaign_id: str) -> int:
+    return database[FRAME_POOL].count_documents({"campaign_id": campaign_id, "status": POOLED})
+
+
+def request_selection(database: Database, campaign_id: str) -> int | None:
+    """Claim the right to queue the next inference-and-selection job; its number, or None.
+
+    At most one such job waits at a time: a single conditional update.
+    """
+    before = database[CAMPAIGNS].find_one_and_update(
+        {"_id": campaign_id, "status": RUNNING, "selection.pending": False},
+        {"$set": {"selection.pending": True}, "$inc": {"selection.count": 1}},
+        projection={"selection": 1},
+    )
+    return None if before is None else before["selection"]["count"]
+
+
+def release_selection(database: Database, campaign_id: str) -> None:
+    database[CAMPAIGNS].update_one({"_id": campaign_id}, {"$set": {"selection.pending": False}})
+
+
+def claim_pooled_frames(database: Database, campaign_id: str, selection_id: str) -> list[dict]:
+    """Claim every pooled frame for one selection (each frame is claimed by one selection only)."""
+    database[FRAME_POOL].update_many(
+        {"campaign_id": campaign_id, "status": POOLED},
+        {"$set": {"status": CLAIMED, "selection_id": selection_id, "claimed_at": now()}},
+    )
+    return list(database[FRAME_POOL].find({"selection_id": selection_id}).sort("_id", 1))
+
+
+def store_selection(database: Database, document: dict) -> bool:
+    """Record a selection and mark its frames selected or discarded; False if done before."""
+    try:
+        database[SELECTIONS].insert_one(document | {"stored_at": now()})
+    except pymongo.errors.DuplicateKeyError:
+        return False
+    selected = document["selected"]
+    database[FRAME_POOL].update_many({"_id": {"$in": selected}}, {"$set": {"status": SELECTED}})
+    database[FRAME_POOL].update_many(
+        {"selection_id": document["_id"], "_id": {"$nin": selected}},
+        {"$set": {"status": DISCARDED}},
+    )
+    return True
+
+
+def get_selection(database: Database, selection_id: str) -> dict | None:
+    return database[SELECTIONS].find_one({"_id": selection_id})
+
+
+def get_frames(database: Database, frame_ids: list[str]) -> list[dict]:
+    frames = {doc["_id"]: doc for doc in database[FRAME_POOL].find({"_id": {"$in": frame_ids}})}
+    return [frames[frame_id] for frame_id in frame_ids]

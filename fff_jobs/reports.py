@@ -1,0 +1,178 @@
+"""What users read off a campaign: its status, its learning curve, and its training set as files."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from fff_jobs import database as db
+from fff_jobs.structures import Frame
+
+PROVENANCE = ("source", "trajectory_id", "segment", "generation", "selection_id", "frame_id")
+
+
+class NothingToReportError(LookupError):
+    """The campaign has no trained generation or no data yet."""
+
+
+def job_states(launchpad, campaign_id: str) -> dict[str, dict[str, int]]:
+    """Worker category -> Firework state -> count, for this campaign's jobs."""
+    pipeline = [
+        {"$match": {"name": {"$regex": f"^{re.escape(campaign_id)} "}}},
+        {"$group": {"_id": {"category": "$spec._category", "state": "$state"}, "n": {"$sum": 1}}},
+    ]
+    states: dict[str, dict[str, int]] = {}
+    for row in launchpad.fireworks.aggregate(pipeline):
+        category = row["_id"].get("category") or "(any worker)"
+        states.setdefault(category, {})[row["_id"]["state"]] = row["n"]
+    return states
+
+
+def audit_results(database, campaign_id: str) -> list[dict]:
+    """The campaign's audits, oldest first."""
+    query = {"campaign_id": campaign_id, "source": "audit"}
+    return list(database[db.REFERENCE_RESULTS].find(query).sort("sequence", 1))
+
+
+def campaign_status(database, launchpad, campaign_id: str) -> dict:
+    """The figures `fff status ID` prints."""
+    campaign = db.get_campaign(database, campaign_id)
+    audits = [doc for doc in audit_results(database, campaign_id) if "audit" in doc]
+    passed = sum(doc["audit"]["action"] == "continue" for doc in audits)
+    trajectories = database[db.TRAJECTORIES].find({"campaign_id": campaign_id}, {"status": 1})
+    statuses = [trajectory["status"] for trajectory in trajectories]
+    return {
+        "campaign": campaign_id,
+        "status": campaign["status"],
+        "stop_reason": campaign["stop_reason"],
+        "reference_spent": campaign["budget"]["spent"],
+        "budget": campaign["budget"]["num_to_run"],
+        "failed_calculations": db.count_results(database, campaign_id, success=False),
+        "generation": campaign["generations"][-1] if campaign["generations"] else None,
+        "training_running": campaign["training"]["running"],
+        "live_trajectories": statuses.count("sampling"),
+        "retired_trajectories": statuses.count("retired"),
+        "audits": len(audits),
+        "audit_pass_rate": passed / len(audits) if audits else None,
+        "recent_audit_errors": [doc["audit"]["error_per_atom"] for doc in audits[-5:]],
+        "jobs": job_states(launchpad, campaign_id),
+    }
+
+
+def learning_curve(database, campaign_id: str) -> list[dict]:
+    """Validation errors per generation and audit errors, against reference calculations spent."""
+    campaign = db.get_campaign(database, campaign_id)
+    rows = [
+        {
+            "reference_spent": generation["reference_spent"],
+            "kind": "generation",
+            "generation": generation["generation"],
+            "validation_force_mae": generation["validation_force_mae"],
+            "validation_energy_mae_per_atom": generation["validation_energy_mae_per_atom"],
+            "audit_error_per_atom": None,
+        }
+        for generation in campaign["generations"]
+    ]
+    query = {"campaign_id": campaign_id, "source": {"$ne": "initial"}}
+    budgeted = database[db.REFERENCE_RESULTS].find(query, {"audit": 1, "generation": 1})
+    for spent, doc in enumerate(budgeted.sort("sequence", 1), start=1):
+        if "audit" in doc:
+            rows.append(
+                {
+                    "reference_spent": spent,
+                    "kind": "audit",
+                    "generation": doc.get("generation"),
+                    "validation_force_mae": None,
+                    "validation_energy_mae_per_atom": None,
+                    "audit_error_per_atom": doc["audit"]["error_per_atom"],
+                }
+            )
+    if not campaign["generations"]:
+        raise NothingToReportError(
+            f"campaign {campaign_id!r} has no trained generation yet: run its workers first"
+        )
+    return sorted(rows, key=lambda row: (row["reference_spent"], row["kind"]))
+
+
+def write_report(database, campaign_id: str, directory: Path) -> tuple[Path, Path]:
+    """The learning curve as CSV and PNG in ``directory``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = learning_curve(database, campaign_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    csv_path = directory / f"{campaign_id}-learning-curve.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    generations = [row for row in rows if row["kind"] == "generation"]
+    audits = [row for row in rows if row["kind"] == "audit" and row["audit_error_per_atom"]]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 6), sharex=True)
+    top.plot(
+        [row["reference_spent"] for row in generations],
+        [row["validation_force_mae"] for row in generations],
+        "o-",
+    )
+    top.set_ylabel("validation force MAE (eV/Å)")
+    top.set_title(f"campaign {campaign_id}")
+    bottom.semilogy(
+        [row["reference_spent"] for row in audits],
+        [1000 * row["audit_error_per_atom"] for row in audits],
+        ".",
+    )
+    tolerance = db.get_campaign(database, campaign_id)["spec"]["audit"]["energy_tolerance"]
+    bottom.axhline(1000 * tolerance, color="grey", linestyle="--", label="audit tolerance")
+    bottom.set_ylabel("audit |E_ML - E_ref| (meV/atom)")
+    bottom.set_xlabel("reference calculations spent")
+    bottom.legend()
+    figure.tight_layout()
+    png_path = directory / f"{campaign_id}-learning-curve.png"
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return csv_path, png_path
+
+
+def training_atoms(database, campaign_id: str) -> list[Atoms]:
+    """Every successful reference result, with energy, forces and provenance in ``info``."""
+    db.get_campaign(database, campaign_id)
+    query = {"campaign_id": campaign_id, "success": True}
+    frames = []
+    for doc in database[db.REFERENCE_RESULTS].find(query).sort("sequence", 1):
+        atoms = Frame.model_validate(doc["frame"]).to_atoms()
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=doc["energy"], forces=np.asarray(doc["forces"])
+        )
+        atoms.info.update(
+            {key: doc[key] for key in PROVENANCE if doc.get(key) is not None}
+            | {"result_id": doc["_id"], "code": doc["code"], "method": doc.get("method") or ""}
+            | {"wall_time": doc["wall_time"], "host": doc["host"]}
+        )
+        frames.append(atoms)
+    if not frames:
+        raise NothingToReportError(f"campaign {campaign_id!r} has no reference results yet")
+    return frames
+
+
+def export_training_set(database, campaign_id: str, directory: Path) -> tuple[Path, Path]:
+    """The training set as extxyz and as an ASE database."""
+    import ase.db
+    import ase.io
+
+    frames = training_atoms(database, campaign_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    extxyz = directory / f"{campaign_id}-training-set.extxyz"
+    ase.io.write(extxyz, frames, format="extxyz")
+    ase_db = directory / f"{campaign_id}-training-set.db"
+    ase_db.unlink(missing_ok=True)
+    with ase.db.connect(ase_db) as connection:
+        for atoms in frames:
+            connection.write(atoms, key_value_pairs=dict(atoms.info))
+    return extxyz, ase_db

@@ -1,0 +1,107 @@
+"""Selection: which sampled frames the reference computes next, from the committee's predictions.
+
+Inputs are arrays: `energies` of shape (n_frames, n_members) holding each committee
+member's energy per atom (eV/atom) for each frame, and, for farthest-point selection,
+`descriptors` of shape (n_frames, d). Outputs are indices into the frames.
+
+A frame with any non-finite prediction (or descriptor) is never picked: a member that
+returned NaN says nothing reliable about that frame. Ties are broken by an order drawn
+from the seed, so a selection is deterministic for a given seed and input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fff_jobs.spec import SelectionSettings
+
+DROP_FRACTION = 0.05  # of the remaining frames, dropped with each pick (the original's 5 %)
+
+
+def committee_spread(energies: np.ndarray) -> np.ndarray:
+    """Standard deviation over committee members of each frame's energy per atom."""
+    return np.asarray(energies, dtype=float).std(axis=1)
+
+
+def select_frames(
+    energies: np.ndarray, settings: SelectionSettings, descriptors: np.ndarray | None = None
+) -> np.ndarray:
+    """Indices of up to `batch_size` frames, by the method the settings name."""
+    if settings.method == "spread":
+        return select_by_spread(energies, settings.batch_size, settings.seed)
+    if descriptors is None:
+        raise ValueError("farthest_point selection needs descriptors (n_frames x d)")
+    return select_farthest_point(
+        descriptors, committee_spread(energies), settings.batch_size, settings.seed
+    )
+
+
+def select_by_spread(energies: np.ndarray, batch_size: int, seed: int = 0) -> np.ndarray:
+    """The original heuristic: pick the largest spread, drop what correlates with it, repeat.
+
+    Each pick drops int(0.05 n) + 1 of the n remaining frames: those whose centred
+    committee-prediction vectors correlate most (|Pearson r|) with the picked one,
+    the picked one first. Stops when the batch is full or no frame remains.
+    """
+    energies = np.asarray(energies, dtype=float)
+    order = _candidates(np.isfinite(energies).all(axis=1), seed)
+    centred = energies[order] - energies[order].mean(axis=1, keepdims=True)
+    norms = np.linalg.norm(centred, axis=1)
+    spread = norms / np.sqrt(energies.shape[1])  # the standard deviation over members
+    remaining = np.arange(order.size)
+    picked: list[int] = []
+    while len(picked) < batch_size and remaining.size:
+        best = int(np.argmax(spread[remaining]))
+        picked.append(int(remaining[best]))
+        correlation = _abs_correlation(centred[remaining], norms[remaining], best)
+        count = int(DROP_FRACTION * remaining.size) + 1
+        dropped = np.argpartition(-correlation, count - 1)[:count]
+        keep = np.ones(remaining.size, dtype=bool)
+        keep[dropped] = False
+        remaining = remaining[keep]
+    return order[picked]
+
+
+def _abs_correlation(centred: np.ndarray, norms: np.ndarray, best: int) -> np.ndarray:
+    """|Pearson r| of each row with row `best`; 0 where a row has no spread, inf for `best`."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        correlation = np.abs(centred @ centred[best]) / (norms * norms[best])
+    correlation[~np.isfinite(correlation)] = 0.0
+    correlation[best] = np.inf
+    return correlation
+
+
+def select_farthest_point(
+    descriptors: np.ndarray, uncertainty: np.ndarray, batch_size: int, seed: int = 0
+) -> np.ndarray:
+    """Farthest-point selection weighted by uncertainty.
+
+    Starts from the most uncertain frame, then repeatedly picks the frame that
+    maximises uncertainty x (distance to the nearest picked frame). With no
+    uncertainty anywhere, plain farthest-point selection.
+    """
+    descriptors = np.asarray(descriptors, dtype=float)
+    uncertainty = np.asarray(uncertainty, dtype=float)
+    valid = np.isfinite(descriptors).all(axis=1) & np.isfinite(uncertainty)
+    order = _candidates(valid, seed)
+    points, weight = descriptors[order], uncertainty[order]
+    if weight.size and weight.max() <= 0:
+        weight = np.ones_like(weight)
+    squared_norms = np.einsum("ij,ij->i", points, points)
+    nearest = np.full(order.size, np.inf)
+    picked: list[int] = []
+    best = int(np.argmax(weight)) if order.size else -1
+    while len(picked) < min(batch_size, order.size):
+        picked.append(best)
+        squared = squared_norms - 2 * points @ points[best] + squared_norms[best]
+        nearest = np.minimum(nearest, np.sqrt(np.maximum(squared, 0.0)))
+        score = weight * nearest
+        score[picked] = -np.inf
+        best = int(np.argmax(score))
+    return order[picked]
+
+
+def _candidates(valid: np.ndarray, seed: int) -> np.ndarray:
+    """Indices of the valid frames, in an order drawn from the seed (it breaks ties)."""
+    indices = np.flatnonzero(valid)
+    return indices[np.random.default_rng(seed).permutation(indices.size)]

@@ -1,0 +1,523 @@
+"""Training of one MACE committee member: build the model, prepare the data, fit with mace-torch.
+
+Plain functions on ASE Atoms and torch models; nothing here knows of databases.
+A labelled frame is an ``Atoms`` whose calculator holds its reference energy and
+forces (a ``SinglePointCalculator`` or any ASE calculator), or, without a
+calculator, ``atoms.info["energy"]`` and ``atoms.arrays["forces"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mace  # noqa: F401  (mace must be imported before e3nn)
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import chemical_symbols
+from e3nn import o3
+from mace import data as mace_data
+from mace import modules
+from mace.tools import AtomicNumberTable, torch_geometric
+from mace.tools.scripts_utils import get_params_options
+from mace.tools.train import evaluate, train_one_epoch
+
+from fff_jobs.spec import ModelSettings, TrainingSettings
+
+log = logging.getLogger(__name__)
+
+INTERACTION = "RealAgnosticResidualInteractionBlock"
+FIRST_INTERACTION = "RealAgnosticInteractionBlock"
+PACKAGES = ("fff-jobs", "mace-torch", "torch", "e3nn", "ase", "numpy")
+
+
+class TrainingDataError(ValueError):
+    """The training frames cannot be used: too few, or unlabelled, or not finite."""
+
+
+class UnknownElementError(ValueError):
+    """A structure holds an element the model was not built for."""
+
+
+@dataclass
+class TrainedMember:
+    """One trained committee member, its best model and how it was obtained."""
+
+    model: torch.nn.Module
+    hyperparameters: dict
+    seed: int
+    metrics: dict[str, float]
+    epochs: int
+    best_epoch: int
+    wall_time: float
+    device: str
+    warm_started: bool
+    training_indices: list[int]
+    validation_indices: list[int]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: str) -> Iterator[None]:
+    """Set torch's default dtype (MACE builds models and data in it) and always restore it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``cuda`` when asked for or, with ``auto``, when present; ``cpu`` otherwise."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide what a trained model computes."""
+    return {name: importlib.metadata.version(name) for name in PACKAGES}
+
+
+def member_seed(committee_seed: int, generation: int, member: int) -> int:
+    """The seed of one member: distinct per (generation, member), reproducible from the spec."""
+    return int(np.random.SeedSequence([committee_seed, generation, member]).generate_state(1)[0])
+
+
+def frame_labels(atoms: Atoms) -> tuple[float, np.ndarray]:
+    """Reference energy (eV) and forces (eV/A) of a labelled frame."""
+    if atoms.calc is not None:
+        return float(atoms.get_potential_energy()), np.asarray(atoms.get_forces(), dtype=float)
+    return float(atoms.info["energy"]), np.asarray(atoms.arrays["forces"], dtype=float)
+
+
+def frame_to_record(atoms: Atoms) -> dict:
+    """A labelled or unlabelled frame as a JSON-ready dict (job inputs must be JSON)."""
+    record = {
+        "numbers": atoms.numbers.tolist(),
+        "positions": atoms.positions.tolist(),
+        "cell": atoms.cell.array.tolist(),
+        "pbc": atoms.pbc.tolist(),
+    }
+    with contextlib.suppress(KeyError, RuntimeError):
+        energy, forces = frame_labels(atoms)
+        record |= {"energy": energy, "forces": forces.tolist()}
+    return record
+
+
+def frame_from_record(record: dict) -> Atoms:
+    """The frame of :func:`frame_to_record`, its labels in a SinglePointCalculator."""
+    atoms = Atoms(
+        numbers=record["numbers"],
+        positions=record["positions"],
+        cell=record["cell"],
+        pbc=record["pbc"],
+    )
+    if "energy" in record:
+        atoms.calc = SinglePointCalculator(
+            atoms, energy=record["energy"], forces=np.array(record["forces"])
+        )
+    return atoms
+
+
+def check_training_frames(frames: Sequence[Atoms]) -> list[tuple[float, np.ndarray]]:
+    """Labels of every frame; a clear error for too few frames or missing or non-finite labels."""
+    if len(frames) < 2:
+        raise TrainingDataError(
+            f"a committee member needs at least 2 labelled frames (training and validation), "
+            f"got {len(frames)}: compute more reference results first"
+        )
+    labels = []
+    for index, atoms in enumerate(frames):
+        try:
+            energy, forces = frame_labels(atoms)
+        except (KeyError, RuntimeError) as error:
+            raise TrainingDataError(
+                f"frame {index} ({atoms.get_chemical_formula()}) has no reference energy and "
+                f"forces ({error!r}): label it or drop it from the training set"
+            ) from None
+        if not np.isfinite(energy) or not np.all(np.isfinite(forces)):
+            raise TrainingDataError(
+                f"frame {index} ({atoms.get_chemical_formula()}) has a NaN or infinite reference "
+                f"energy or force: drop it from the training set or recompute it"
+            )
+        labels.append((energy, forces))
+    return labels
+
+
+def training_set_hash(frames: Sequence[Atoms]) -> str:
+    """sha256 of the frames and their labels: equal training sets give equal hashes."""
+    digest = hashlib.sha256()
+    for atoms, (energy, forces) in zip(frames, check_training_frames(frames), strict=True):
+        for array in (atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc, forces):
+            digest.update(np.ascontiguousarray(array, dtype=float).tobytes())
+        digest.update(np.float64(energy).tobytes())
+    return digest.hexdigest()
+
+
+def _configuration(atoms: Atoms, label: tuple[float, np.ndarray] | None) -> mace_data.Configuration:
+    properties = {"energy": label[0], "forces": label[1]} if label else {}
+    return mace_data.Configuration(
+        atomic_numbers=np.asarray(atoms.numbers),
+        positions=np.asarray(atoms.positions),
+        properties=properties,
+        property_weights={name: 1.0 for name in properties},
+        cell=np.asarray(atoms.cell.array),
+        pbc=tuple(bool(flag) for flag in atoms.pbc),
+    )
+
+
+def check_elements(frames: Sequence[Atoms], elements: Sequence[int], model_name: str) -> None:
+    """A clear error naming the first structure with an element outside ``elements``."""
+    known = set(elements)
+    for index, atoms in enumerate(frames):
+        unknown = sorted(set(atoms.numbers.tolist()) - known)
+        if unknown:
+            raise UnknownElementError(
+                f"structure {index} ({atoms.get_chemical_formula()}) holds "
+                f"{', '.join(chemical_symbols[z] for z in unknown)}, which {model_name} was not "
+                f"built for (it knows {', '.join(chemical_symbols[z] for z in elements)}): "
+                f"add reference results with these elements to the training set and retrain"
+            )
+
+
+def to_atomic_data(
+    frames: Sequence[Atoms],
+    elements: Sequence[int],
+    r_max: float,
+    labels: Sequence[tuple[float, np.ndarray]] | None = None,
+) -> list[mace_data.AtomicData]:
+    """MACE graphs of the frames (in torch's current default dtype), labelled when given."""
+    check_elements(frames, elements, "the model")
+    table = AtomicNumberTable(list(elements))
+    return [
+        mace_data.AtomicData.from_config(
+            _configuration(atoms, labels[index] if labels else None), z_table=table, cutoff=r_max
+        )
+        for index, atoms in enumerate(frames)
+    ]
+
+
+def fit_atomic_energies(
+    frames: Sequence[Atoms], labels: Sequence[tuple[float, np.ndarray]], elements: Sequence[int]
+) -> dict[int, float]:
+    """Atomic reference energies (E0s) by least squares on the frames (mace-torch's own fit)."""
+    configurations = [
+        _configuration(atoms, label) for atoms, label in zip(frames, labels, strict=True)
+    ]
+    fitted = mace_data.compute_average_E0s(configurations, AtomicNumberTable(list(elements)))
+    return {int(z): float(energy) for z, energy in fitted.items()}
+
+
+def elements_of(frames: Sequence[Atoms]) -> list[int]:
+    """Sorted atomic numbers present in the frames."""
+    return sorted({int(z) for atoms in frames for z in atoms.numbers})
+
+
+def _atomic_energies(
+    settings: ModelSettings,
+    frames: Sequence[Atoms],
+    labels: Sequence[tuple[float, np.ndarray]],
+    elements: list[int],
+) -> list[float]:
+    if settings.atomic_energies is None:
+        fitted = fit_atomic_energies(frames, labels, elements)
+        return [fitted[z] for z in elements]
+    missing = [
+        chemical_symbols[z] for z in elements if chemical_symbols[z] not in settings.atomic_energies
+    ]
+    if missing:
+        raise TrainingDataError(
+            f"model.atomic_energies lacks E0s for {', '.join(missing)}: add them or leave "
+            f"atomic_energies unset to fit them on the training set"
+        )
+    return [float(settings.atomic_energies[chemical_symbols[z]]) for z in elements]
+
+
+def model_hyperparameters(
+    settings: ModelSettings,
+    frames: Sequence[Atoms],
+    labels: Sequence[tuple[float, np.ndarray]],
+    elements: list[int] | None = None,
+) -> dict:
+    """Everything needed to rebuild a member: the settings plus statistics of its training data.
+
+    ``elements`` (default: those in ``frames``) are the elements the model will know.
+    """
+    elements = elements or elements_of(frames)
+    atomic_energies = _atomic_energies(settings, frames, labels, elements)
+    with default_dtype(settings.dtype):
+        loader = torch_geometric.dataloader.DataLoader(
+            to_atomic_data(frames, elements, settings.r_max, labels), batch_size=50
+        )
+        avg_num_neighbors = float(modules.compute_avg_num_neighbors(loader))
+        shift, scale = modules.scaling_classes["rms_forces_scaling"](
+            loader, np.array(atomic_energies)
+        )
+    hidden = (settings.num_channels * o3.Irreps.spherical_harmonics(settings.max_L)).sort()
+    return settings.model_dump(exclude={"atomic_energies", "num_channels", "max_L"}) | {
+        "hidden_irreps": str(hidden.irreps.simplify()),
+        "atomic_numbers": elements,
+        "atomic_energies": atomic_energies,
+        "avg_num_neighbors": avg_num_neighbors,
+        "scale": float(np.atleast_1d(scale)[0]),
+        "shift": float(np.atleast_1d(shift)[0]),
+    }
+
+
+def build_model(hyperparameters: dict) -> torch.nn.Module:
+    """A freshly initialised MACE model (``ScaleShiftMACE``) from its hyperparameters."""
+    h = hyperparameters
+    with default_dtype(h["dtype"]):
+        return modules.ScaleShiftMACE(
+            r_max=h["r_max"],
+            num_bessel=h["num_radial_basis"],
+            num_polynomial_cutoff=h["num_cutoff_basis"],
+            max_ell=h["max_ell"],
+            interaction_cls=modules.interaction_classes[INTERACTION],
+            interaction_cls_first=modules.interaction_classes[FIRST_INTERACTION],
+            num_interactions=h["num_interactions"],
+            num_elements=len(h["atomic_numbers"]),
+            hidden_irreps=o3.Irreps(h["hidden_irreps"]),
+            MLP_irreps=o3.Irreps(h["mlp_irreps"]),
+            atomic_energies=np.array(h["atomic_energies"]),
+            avg_num_neighbors=h["avg_num_neighbors"],
+            atomic_numbers=h["atomic_numbers"],
+            correlation=h["correlation"],
+            gate=modules.gate_dict["silu"],
+            radial_MLP=list(h["radial_mlp"]),
+            atomic_inter_scale=h["scale"],
+            atomic_inter_shift=h["shift"],
+        )
+
+
+def split_frames(
+    count: int, split: str, validation_fraction: float, seed: int
+) -> tuple[list, list]:
+    """Training and validation indices: a bootstrap resample and the frames it left out, or a
+    random split holding out ``validation_fraction`` (at least one frame each way)."""
+    rng = np.random.default_rng(seed)
+    if split == "random":
+        order = rng.permutation(count)
+        held_out = min(max(1, round(validation_fraction * count)), count - 1)
+        return sorted(order[held_out:].tolist()), sorted(order[:held_out].tolist())
+    while True:
+        drawn = rng.integers(0, count, size=count)
+        left_out = sorted(set(range(count)) - set(drawn.tolist()))
+        if left_out:
+            return sorted(drawn.tolist()), left_out
+
+
+class _DiscardMetrics:
+    """Stands in for mace's MetricsLogger: the history is kept by :func:`_fit` instead."""
+
+    def log(self, record: dict) -> None:
+        """Drop one record of per-step metrics."""
+
+
+def _loss(settings: TrainingSettings) -> torch.nn.Module:
+    if settings.loss == "mse":
+        return modules.WeightedEnergyForcesLoss(settings.energy_weight, settings.forces_weight)
+    # mace's Huber loss also has a stress term; molecules have none, so its weight is 0.
+    return modules.WeightedHuberEnergyForcesStressLoss(
+        settings.energy_weight, settings.forces_weight, 0.0, huber_delta=settings.huber_delta
+    )
+
+
+def _optimizer(model: torch.nn.Module, settings: TrainingSettings) -> torch.optim.Optimizer:
+    """Adam (AMSGrad) with mace's parameter groups: weight decay on interactions and products."""
+    arguments = argparse.Namespace(
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        amsgrad=True,
+        beta=0.9,
+        lr_params_factors="{}",
+        freeze=None,
+    )
+    return torch.optim.Adam(**get_params_options(arguments, model))
+
+
+def _outputs(settings: TrainingSettings) -> dict[str, bool]:
+    """What the model computes while training: energy, forces, stress for mace's Huber loss."""
+    return {"energy": True, "forces": True, "virials": False, "stress": settings.loss == "huber"}
+
+
+def _epoch(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
+    optimizer: torch.optim.Optimizer,
+    settings: TrainingSettings,
+    epoch: int,
+) -> dict[str, float]:
+    """Train one epoch with mace's ``train_one_epoch`` (none at epoch 0), then validate."""
+    device = next(model.parameters()).device
+    if epoch:
+        train_one_epoch(
+            model=model,
+            loss_fn=loss_fn,
+            data_loader=loaders[0],
+            optimizer=optimizer,
+            epoch=epoch,
+            output_args=_outputs(settings),
+            max_grad_norm=settings.max_grad_norm,
+            ema=None,
+            logger=_DiscardMetrics(),
+            device=device,
+            distributed=False,
+        )
+    loss, metrics = evaluate(model, loss_fn, loaders[1], _outputs(settings), device)
+    return {
+        "epoch": epoch,
+        "validation_loss": float(loss),
+        "validation_energy_mae_per_atom": float(metrics["mae_e_per_atom"]),
+        "validation_force_mae": float(metrics["mae_f"]),
+    }
+
+
+def _fit(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
+    settings: TrainingSettings,
+) -> tuple[list[dict[str, float]], int]:
+    """Train until the validation loss stops improving; leave the best model in ``model``.
+
+    mace's ``mace.tools.train.train`` would run this loop, but in mace-torch 0.3.16 its
+    early stopping never ends a run outside distributed mode (ACEsuit/mace#1384) and it
+    keeps no per-epoch history, so the epochs are driven here with mace's own
+    ``train_one_epoch``, ``evaluate``, loss modules and optimizer parameter groups.
+    """
+    optimizer = _optimizer(model, settings)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=settings.learning_rate_factor, patience=settings.scheduler_patience
+    )
+    start, history = time.perf_counter(), []
+    best_loss, best_epoch, best_state = np.inf, 0, copy.deepcopy(model.state_dict())
+    for epoch in range(settings.max_epochs + 1):
+        entry = _epoch(model, loss_fn, loaders, optimizer, settings, epoch)
+        history.append(entry | {"seconds": time.perf_counter() - start})
+        if epoch:
+            scheduler.step(entry["validation_loss"])
+        if entry["validation_loss"] < best_loss:
+            best_loss, best_epoch = entry["validation_loss"], epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= settings.patience:
+            break
+    model.load_state_dict(best_state)
+    return history, best_epoch
+
+
+def _loaders(
+    frames: Sequence[Atoms],
+    labels: Sequence[tuple[float, np.ndarray]],
+    split: tuple[list[int], list[int]],
+    hyperparameters: dict,
+    settings: TrainingSettings,
+) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """mace data loaders of the training (shuffled) and validation frames."""
+    graphs = to_atomic_data(
+        frames, hyperparameters["atomic_numbers"], hyperparameters["r_max"], labels
+    )
+    training, validation = split
+    return (
+        torch_geometric.dataloader.DataLoader(
+            [graphs[i] for i in training], batch_size=settings.batch_size, shuffle=True
+        ),
+        torch_geometric.dataloader.DataLoader(
+            [graphs[i] for i in validation], batch_size=settings.validation_batch_size
+        ),
+    )
+
+
+def _final_metrics(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
+    settings: TrainingSettings,
+    device: torch.device,
+) -> dict[str, float]:
+    """Energy MAE per atom (eV/atom) and force MAE (eV/A) of the best model on both sets."""
+    metrics = {}
+    for name, loader in zip(("train", "validation"), loaders, strict=True):
+        _, values = evaluate(model, loss_fn, loader, _outputs(settings), device)
+        metrics[f"{name}_energy_mae_per_atom"] = float(values["mae_e_per_atom"])
+        metrics[f"{name}_force_mae"] = float(values["mae_f"])
+    return metrics
+
+
+def _starting_point(
+    settings: ModelSettings,
+    frames: Sequence[Atoms],
+    labels: Sequence[tuple[float, np.ndarray]],
+    training: list[int],
+    parent: tuple[dict, dict] | None,
+) -> tuple[dict, dict | None]:
+    """Hyperparameters and initial weights: the parent's (warm start) or fresh ones."""
+    elements = elements_of(frames)
+    if parent is not None and set(elements) <= set(parent[0]["atomic_numbers"]):
+        return parent
+    if parent is not None:
+        log.warning(
+            "warm start impossible: the training set has elements the parent model "
+            "lacks; training this member from scratch"
+        )
+    training_frames = [frames[i] for i in training]
+    hyperparameters = model_hyperparameters(
+        settings, training_frames, [labels[i] for i in training], elements
+    )
+    return hyperparameters, None
+
+
+def train_member(
+    frames: Sequence[Atoms],
+    model_settings: ModelSettings,
+    training_settings: TrainingSettings,
+    seed: int,
+    parent: tuple[dict, dict] | None = None,
+) -> TrainedMember:
+    """Train one committee member on its own split of ``frames``; keep its best model.
+
+    ``parent`` (hyperparameters, state dict) warm-starts it from a member of the
+    previous generation, whose architecture and E0s it then keeps.
+    """
+    start = time.perf_counter()
+    labels = check_training_frames(frames)
+    settings = training_settings
+    split = split_frames(len(frames), settings.split, settings.validation_fraction, seed)
+    torch.manual_seed(seed)
+    hyperparameters, state = _starting_point(model_settings, frames, labels, split[0], parent)
+    model = build_model(hyperparameters)
+    if state is not None:
+        model.load_state_dict(state)
+    device = torch.device(resolve_device(settings.device))
+    with default_dtype(hyperparameters["dtype"]):
+        loaders = _loaders(frames, labels, split, hyperparameters, settings)
+        model.to(device)
+        loss_fn = _loss(settings).to(device)
+        history, best_epoch = _fit(model, loss_fn, loaders, settings)
+        metrics = _final_metrics(model, loss_fn, loaders, settings, device)
+    return TrainedMember(
+        model=model.to("cpu").eval(),
+        hyperparameters=hyperparameters,
+        seed=seed,
+        metrics=metrics,
+        epochs=history[-1]["epoch"],
+        best_epoch=best_epoch,
+        wall_time=time.perf_counter() - start,
+        device=device.type,
+        warm_started=state is not None,
+        training_indices=split[0],
+        validation_indices=split[1],
+        history=history,
+    )

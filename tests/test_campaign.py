@@ -1,0 +1,210 @@
+"""A tiny campaign run by real rlaunch workers on the embedded store, checked as a user would."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import ase.io
+import bson.json_util
+import pytest
+
+from project import REPO, run
+
+pytestmark = pytest.mark.slow
+
+SPEC = REPO / "tests/specs/tiny_water.yaml"
+MAX_CYCLES = 30
+
+
+def stored_database(project: Path) -> dict[str, list[dict]]:
+    """Collection -> documents of the embedded store, as the file on disk holds them."""
+    content = bson.json_util.loads((project / ".fff/fireworks.json").read_text())
+    return {
+        name: [document for _, document in collection["documents"]]
+        for name, collection in content["fff"].items()
+    }
+
+
+def campaign_document(project: Path, campaign_id: str) -> dict:
+    (document,) = [c for c in stored_database(project)["campaigns"] if c["_id"] == campaign_id]
+    return document
+
+
+def run_workers_until_complete(project: Path, campaign_id: str) -> int:
+    """Alternate a CPU and a GPU worker (one process at a time) until every job is done."""
+    for cycle in range(1, MAX_CYCLES + 1):
+        for category in ("cpu", "gpu"):
+            worker = run(
+                project, "rlaunch", "-w", f"fw_config/my_fworker_{category}.yaml", "rapidfire",
+                "--sleep", "1", timeout=600,
+            )  # fmt: skip
+            assert worker.returncode == 0, worker.stderr[-3000:]
+        states = {fw["state"] for fw in stored_database(project)["fireworks"]}
+        if campaign_document(project, campaign_id)["status"] == "complete" and states == {
+            "COMPLETED"
+        }:
+            return cycle
+    raise AssertionError(f"campaign not complete after {MAX_CYCLES} worker cycles")
+
+
+@pytest.fixture(scope="module")
+def finished_campaign(tmp_path_factory) -> tuple[Path, str]:
+    """A project in which the tiny campaign was submitted with `fff submit` and run to the end."""
+    project = tmp_path_factory.mktemp("campaign")
+    shutil.copytree(REPO / "fw_config", project / "fw_config")
+    shutil.copy(REPO / "my_launchpad.yaml", project)
+    shutil.copy(SPEC, project / "tiny.yaml")
+    submitted = run(project, "fff", "submit", "tiny.yaml")
+    assert submitted.returncode == 0, submitted.stderr
+    campaign_id = submitted.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"tiny_water-[0-9a-f]{6}", campaign_id)
+    run_workers_until_complete(project, campaign_id)
+    return project, campaign_id
+
+
+def lpad_fireworks(project: Path) -> list[dict]:
+    result = run(project, "lpad", "get_fws", "-d", "all")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_campaign_spends_its_budget_exactly_and_trains_several_generations(finished_campaign):
+    project, campaign_id = finished_campaign
+    stored = stored_database(project)
+    campaign = campaign_document(project, campaign_id)
+    assert campaign["stop_reason"] == "reference budget spent"
+    results = [r for r in stored["reference_results"] if r["campaign_id"] == campaign_id]
+    budgeted = [r for r in results if r["source"] != "initial"]
+    assert len(budgeted) == 20 == campaign["budget"]["spent"]
+    assert len({r["_id"] for r in budgeted}) == 20
+    assert {r["source"] for r in budgeted} == {"audit", "active"}
+    generations = sorted({m["generation"] for m in stored["models"]})
+    assert len(generations) >= 2
+    assert generations == list(range(len(generations)))
+    assert [g["generation"] for g in campaign["generations"]] == generations
+    assert len(stored["models"]) == 2 * len(generations)
+    # the last generation trained on every result the campaign paid for
+    last = max(stored["models"], key=lambda m: m["generation"])
+    assert last["training_set_size"] == sum(r["success"] for r in results)
+
+
+def test_every_job_completed_on_a_worker_of_its_category(finished_campaign):
+    project, _ = finished_campaign
+    fireworks = lpad_fireworks(project)
+    assert {fw["state"] for fw in fireworks} == {"COMPLETED"}
+    kinds = {"train": "gpu", "segment": "gpu", "select": "gpu", "audit": "cpu",
+             "calculate": "cpu", "ingest": "cpu"}  # fmt: skip
+    seen = set()
+    for firework in fireworks:
+        kind = firework["name"].split()[1]
+        seen.add(kind)
+        assert firework["spec"]["_category"] == kinds[kind], firework["name"]
+        for launch in firework["launches"]:
+            assert launch["fworker"]["category"] == kinds[kind], firework["name"]
+    assert seen == set(kinds)
+
+
+def test_every_training_record_has_provenance(finished_campaign):
+    project, campaign_id = finished_campaign
+    for result in stored_database(project)["reference_results"]:
+        assert result["campaign_id"] == campaign_id
+        assert result["code"] == "xtb" and result["host"] and result["wall_time"] > 0
+        if result["source"] == "audit":
+            assert result["trajectory_id"].startswith(f"{campaign_id}-t")
+            assert result["segment"] >= 0 and result["generation"] >= 0
+            assert result["audit"]["action"] in ("continue", "restart")
+        if result["source"] == "active":
+            assert result["selection_id"].startswith(f"{campaign_id}-sel")
+            assert result["frame_id"].startswith(result["trajectory_id"])
+            assert result["generation"] >= 0
+
+
+def test_status_report_and_export_work_on_the_finished_campaign(finished_campaign, tmp_path):
+    project, campaign_id = finished_campaign
+    status = run(project, "fff", "status", campaign_id)
+    assert status.returncode == 0, status.stderr
+    assert "20 / 20" in status.stdout and "complete" in status.stdout
+
+    report = run(project, "fff", "report", campaign_id, "--output", str(tmp_path))
+    assert report.returncode == 0, report.stderr
+    with (tmp_path / f"{campaign_id}-learning-curve.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["kind"] for row in rows].count("generation") >= 2
+    assert (tmp_path / f"{campaign_id}-learning-curve.png").stat().st_size > 1000
+
+    export = run(project, "fff", "export", campaign_id, "--output", str(tmp_path))
+    assert export.returncode == 0, export.stderr
+    frames = ase.io.read(tmp_path / f"{campaign_id}-training-set.extxyz", index=":")
+    successful = [r for r in stored_database(project)["reference_results"] if r["success"]]
+    assert len(frames) == len(successful)
+    assert {frame.info["source"] for frame in frames} == {"initial", "audit", "active"}
+    assert all(frame.get_forces().shape == (len(frame), 3) for frame in frames)
+
+
+def test_unknown_campaign_gets_one_clear_line(finished_campaign):
+    project, _ = finished_campaign
+    result = run(project, "fff", "status", "no-such-campaign")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: no campaign 'no-such-campaign' in this database: `fff status` lists the campaigns"
+    )
+
+
+def readme_queries() -> str:
+    """The README's pymongo queries, without the two lines that say where to connect."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- queries -->")[1].split("```python")[1].split("```")[0]
+    skipped = ("database = ", "campaign_id = ", "import pymongo")
+    return "\n".join(line for line in block.splitlines() if not line.startswith(skipped))
+
+
+def as_mongo_database(project: Path):
+    """The embedded store's file, loaded into an in-memory database with pymongo's API."""
+    import mongomock
+
+    database = mongomock.MongoClient()["fff"]
+    for name, documents in stored_database(project).items():
+        if documents:
+            database[name].insert_many(documents)
+    return database
+
+
+def test_readme_queries_answer_what_they_promise(finished_campaign):
+    project, campaign_id = finished_campaign
+    namespace = {"database": as_mongo_database(project), "campaign_id": campaign_id}
+    exec(readme_queries(), namespace)
+    stored = stored_database(project)
+    successful = [r for r in stored["reference_results"] if r["success"]]
+    assert len(namespace["training_set"]) == len(successful)
+    assert [m["member"] for m in namespace["committee"]] == [0, 1]
+    last = max(m["generation"] for m in stored["models"])
+    assert {m["generation"] for m in namespace["committee"]} == {last}
+    assert len(namespace["failed"]) == sum(not r["success"] for r in stored["reference_results"])
+    audits = namespace["audits"]
+    assert audits and [a["segment"] for a in audits] == sorted(a["segment"] for a in audits)
+    assert all(a["trajectory_id"] == f"{campaign_id}-t000" for a in audits)
+    assert [row[0] for row in namespace["errors"]] == list(range(last + 1))
+
+
+def test_rerunning_a_finished_selection_and_audit_duplicates_nothing(finished_campaign):
+    project, campaign_id = finished_campaign
+    before = stored_database(project)
+    names = {fw["name"]: fw["fw_id"] for fw in lpad_fireworks(project)}
+    targets = [names[f"{campaign_id} select 0"], names[f"{campaign_id} audit t000 s0"]]
+    rerun = run(project, "lpad", "rerun_fws", "-i", ",".join(map(str, targets)))
+    assert rerun.returncode == 0, rerun.stderr
+    assert {fw["state"] for fw in lpad_fireworks(project)} != {"COMPLETED"}
+    run_workers_until_complete(project, campaign_id)
+    after = stored_database(project)
+    fireworks = lpad_fireworks(project)
+    assert {fw["state"] for fw in fireworks} == {"COMPLETED"}
+    assert len(fireworks) == len(names)
+    for collection in ("reference_results", "selections", "models", "frame_pool"):
+        assert sorted(d["_id"] for d in after[collection]) == sorted(
+            d["_id"] for d in before[collection]
+        ), collection
+    assert campaign_document(project, campaign_id)["budget"]["spent"] == 20

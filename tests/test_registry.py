@@ -1,0 +1,179 @@
+"""The model registry in MongoDB: members in GridFS, whole committees published atomically."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from jobflow import JobStore, run_locally
+from mace.calculators import MACECalculator
+from maggma.stores import MemoryStore
+from test_training import TINY_MODEL, TINY_TRAINING, labelled_frames
+from typer.testing import CliRunner
+
+from fff_jobs import config
+from fff_jobs import database as registry
+from fff_jobs.committee import export_model_files, load_committee, predict_committee
+from fff_jobs.jobs.training import CommitteeInferenceMaker, TrainMemberMaker
+from fff_jobs.routing import GPU
+from fff_jobs.training import train_member
+
+CAMPAIGN = "water"
+SETTINGS = TINY_TRAINING.model_copy(update={"max_epochs": 2})
+
+
+@pytest.fixture(scope="module")
+def members():
+    """Two tiny trained members (one committee of size 2)."""
+    frames = labelled_frames(12)
+    return [train_member(frames, TINY_MODEL, SETTINGS, seed=seed) for seed in range(2)]
+
+
+@pytest.fixture(autouse=True)
+def cache_directory(tmp_path, monkeypatch):
+    directory = tmp_path / "cache"
+    monkeypatch.setenv(registry.CACHE_ENVIRONMENT_VARIABLE, str(directory))
+    return directory
+
+
+def register(database, trained, member: int, generation: int = 0, size: int = 2):
+    record = {
+        "campaign_id": CAMPAIGN,
+        "generation": generation,
+        "member": member,
+        "committee_size": size,
+        "seed": trained.seed,
+        "hyperparameters": trained.hyperparameters,
+    }
+    return registry.register_member(database, record, trained.model.state_dict())
+
+
+def test_round_trip_gives_bit_identical_predictions(mongo_database, members, cache_directory):
+    for index, trained in enumerate(members):
+        register(mongo_database, trained, index)
+    documents, models = load_committee(mongo_database, CAMPAIGN, device="cpu")
+
+    frames = labelled_frames(6, seed=3)
+    original = predict_committee([m.model for m in members], frames, compute_forces=True)
+    reloaded = predict_committee(models, frames, compute_forces=True)
+    assert np.array_equal(original.energies, reloaded.energies)
+    assert all(np.array_equal(a, b) for a, b in zip(original.forces, reloaded.forces, strict=True))
+    assert [document["_id"] for document in documents] == ["water-g000-m00", "water-g000-m01"]
+    cached = sorted(path.stem for path in cache_directory.glob("*.pt"))
+    assert cached == sorted(document["weights_sha256"] for document in documents)
+
+
+def test_cached_weights_are_used_without_the_database(mongo_database, members):
+    document, _ = register(mongo_database, members[0], 0, size=1)
+    first = registry.load_weights(mongo_database, document)
+    registry.weights_bucket(mongo_database).delete(document["weights_id"])
+    second = registry.load_weights(mongo_database, document)
+    assert all(np.array_equal(first[name], second[name]) for name in first)
+
+
+def test_generation_is_current_only_once_complete(mongo_database, members):
+    assert registry.current_generation(mongo_database, CAMPAIGN) is None
+    register(mongo_database, members[0], 0)
+    assert registry.current_generation(mongo_database, CAMPAIGN) is None
+    with pytest.raises(registry.RegistryError, match="no complete committee"):
+        load_committee(mongo_database, CAMPAIGN)
+
+    register(mongo_database, members[1], 1)
+    assert registry.current_generation(mongo_database, CAMPAIGN) == 0
+
+    register(mongo_database, members[0], 0, generation=2, size=1)
+    register(mongo_database, members[0], 0, generation=1, size=1)
+    assert registry.current_generation(mongo_database, CAMPAIGN) == 2
+
+
+def test_registering_twice_stores_nothing_new(mongo_database, members):
+    first, created = register(mongo_database, members[0], 0)
+    again, created_again = register(mongo_database, members[1], 0)
+
+    assert created and not created_again
+    assert again["_id"] == first["_id"] and again["seed"] == members[0].seed
+    assert mongo_database[registry.MODELS].count_documents({"campaign_id": CAMPAIGN}) == 1
+    files = mongo_database[f"{registry.MODEL_WEIGHTS_BUCKET}.files"]
+    assert files.count_documents({}) == 1
+
+
+def test_missing_weights_are_a_clear_error(mongo_database, members, tmp_path):
+    document, _ = register(mongo_database, members[0], 0, size=1)
+    registry.weights_bucket(mongo_database).delete(document["weights_id"])
+    with pytest.raises(registry.RegistryError, match=r"water-g000-m00: its weights .* are missing"):
+        registry.load_weights(mongo_database, document, tmp_path / "empty cache")
+
+
+def test_hash_mismatch_is_a_clear_error(mongo_database, members, tmp_path, cache_directory):
+    document, _ = register(mongo_database, members[0], 0, size=1)
+    tampered = document | {"weights_sha256": hashlib.sha256(b"other weights").hexdigest()}
+    with pytest.raises(registry.RegistryError, match=r"water-g000-m00: .* do not match"):
+        registry.load_weights(mongo_database, tampered)
+
+    registry.load_weights(mongo_database, document)
+    cached = cache_directory / f"{document['weights_sha256']}.pt"
+    cached.write_bytes(b"damaged")
+    registry.load_weights(mongo_database, document)
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == document["weights_sha256"]
+
+
+def test_exported_committee_loads_in_mace_calculator(mongo_database, members, tmp_path):
+    for index, trained in enumerate(members):
+        register(mongo_database, trained, index)
+    paths = export_model_files(mongo_database, CAMPAIGN, None, None, tmp_path)
+    single = export_model_files(mongo_database, CAMPAIGN, 0, 1, tmp_path / "one")
+
+    assert [path.name for path in paths] == ["water-g000-m00.model", "water-g000-m01.model"]
+    assert [path.name for path in single] == ["water-g000-m01.model"]
+    atoms = labelled_frames(1, seed=4)[0]
+    calculator = MACECalculator(model_paths=[str(path) for path in paths], device="cpu")
+    calculator.calculate(atoms)
+    expected = predict_committee([m.model for m in members], [atoms]).energies[:, 0]
+    np.testing.assert_allclose(calculator.results["energy_comm"], expected, atol=1e-10)
+
+
+def test_cli_exports_the_current_committee(mongo_database, members, tmp_path, monkeypatch):
+    from fff_jobs.cli import app
+
+    for index, trained in enumerate(members):
+        register(mongo_database, trained, index)
+    monkeypatch.setattr(config, "project_database", lambda: mongo_database)
+    monkeypatch.setattr(config, "activate", lambda *args: None)
+    result = CliRunner().invoke(app, ["export-model", CAMPAIGN, str(tmp_path), "--member", "1"])
+
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "water-g000-m01.model").is_file()
+    assert not (tmp_path / "water-g000-m00.model").exists()
+
+
+@pytest.mark.slow
+def test_jobs_train_register_warm_start_and_score(mongo_database, monkeypatch):
+    monkeypatch.setattr(config, "project_database", lambda: mongo_database)
+    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
+    maker = TrainMemberMaker(
+        model=TINY_MODEL, training=SETTINGS.model_copy(update={"committee_size": 1})
+    )
+    frames = labelled_frames(12)
+
+    first = maker.make(CAMPAIGN, 0, 0, frames)
+    assert first.config.manager_config["_category"] == GPU
+    assert first.name == "train committee member water-g000-m00"
+    output = run_locally(first, store=store, ensure_success=True)[first.uuid][1].output
+    assert output["created"] and output["model_id"] == "water-g000-m00"
+    rerun = maker.make(CAMPAIGN, 0, 0, frames)
+    assert not run_locally(rerun, store=store, ensure_success=True)[rerun.uuid][1].output["created"]
+
+    second = maker.make(CAMPAIGN, 1, 0, frames + labelled_frames(4, seed=1))
+    run_locally(second, store=store, ensure_success=True)
+    document = registry.find_member(mongo_database, CAMPAIGN, 1, 0)
+    assert document["parent_model"] == "water-g000-m00" and document["warm_started"]
+    assert document["training_set_size"] == 16 and len(document["training_set_hash"]) == 64
+    assert set(document["metrics"]) >= {"train_force_mae", "validation_energy_mae_per_atom"}
+    assert document["versions"]["mace-torch"] and document["device"] == "cpu"
+
+    inference = CommitteeInferenceMaker().make(CAMPAIGN, labelled_frames(3, seed=2))
+    assert inference.config.manager_config["_category"] == GPU
+    scores = run_locally(inference, store=store, ensure_success=True)[inference.uuid][1].output
+    assert scores["generation"] == 1 and scores["models"] == ["water-g001-m00"]
+    assert len(scores["energy_per_atom_std"]) == 3 and len(scores["descriptors"]) == 3
