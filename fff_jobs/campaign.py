@@ -21,6 +21,7 @@ and data inlined into specs would bloat the workflow documents.
 
 from __future__ import annotations
 
+import time
 import uuid
 import zlib
 
@@ -532,6 +533,7 @@ def infer_and_select(campaign_id: str, number: int) -> Response:
         return Response(output={"repeated": True})
     campaign = db.get_campaign(database, campaign_id)
     spec = campaign_spec(campaign)
+    started = time.perf_counter()
     frames = db.claim_pooled_frames(database, campaign_id, selection_id)
     batch_size = min(spec.selection.batch_size, campaign["budget"]["left"])
     selected, spreads, generation = [], [], db.current_generation(database, campaign_id)
@@ -546,6 +548,7 @@ def infer_and_select(campaign_id: str, number: int) -> Response:
             "frame_ids": [frame["_id"] for frame in frames],
             "spreads": spreads,
             "selected": selected,
+            "wall_time": time.perf_counter() - started,
         },
     )
     db.release_selection(database, campaign_id)

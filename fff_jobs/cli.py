@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -168,6 +169,7 @@ def run(
 ) -> None:
     """Submit a campaign and run its jobs in this process until it is complete (the quick start)."""
     project = config.activate()
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from fff_jobs import database as db
@@ -179,10 +181,13 @@ def run(
     if project.embedded_file:
         typer.echo(EMBEDDED_WARNING.format(file=project.embedded_file), err=True)
     campaign_id = submit_campaign(spec)
-    typer.echo(f"campaign {campaign_id}")
+    log_file = project.directory / ".fff" / "launches" / f"{campaign_id}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"campaign {campaign_id} (job output: {log_file})")
     database = config.project_database()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, transient=False) as progress:
+    terminal = Console(file=os.fdopen(os.dup(1), "w"))
+    with Progress(*columns, console=terminal) as progress:
         task = progress.add_task("reference calculations", total=spec.num_to_run)
 
         def update() -> None:
@@ -194,7 +199,7 @@ def run(
                 description=f"generation {generation}, reference calculations",
             )
 
-        run_until_done(category, on_rocket=update)
+        run_until_done(category, on_rocket=update, log_file=log_file)
     print_status(campaign_id)
 
 
@@ -273,12 +278,18 @@ def status(
 def report(
     campaign: Annotated[str, typer.Argument(help="Campaign id")],
     output: Annotated[Path, typer.Option(help="Directory for the CSV and PNG")] = Path("."),
+    holdout: Annotated[
+        Path | None,
+        typer.Option(help="Labelled frames (extxyz/ASE db) to score every generation on"),
+    ] = None,
 ) -> None:
     """Write the learning curve (validation and audit errors against budget) as CSV and PNG."""
     config.activate()
     from fff_jobs.reports import write_report
+    from fff_jobs.structures import read_structures
 
-    for path in write_report(config.project_database(), campaign, output):
+    frames = read_structures(holdout) if holdout else None
+    for path in write_report(config.project_database(), campaign, output, frames):
         typer.echo(f"wrote {path}")
 
 

@@ -231,6 +231,7 @@ CAMPAIGNS = "campaigns"
 REFERENCE_RESULTS = "reference_results"
 STARTING_STRUCTURES = "starting_structures"
 TRAJECTORIES = "trajectories"
+SEGMENTS = "segments"
 FRAME_POOL = "frame_pool"
 SELECTIONS = "selections"
 
@@ -462,13 +463,31 @@ def get_trajectory(database: Database, trajectory_id: str) -> dict:
 
 
 def complete_segment(database: Database, trajectory_id: str, segment: int, summary: dict) -> bool:
-    """Record a finished segment; True only for the first completion of that segment."""
+    """Record a finished segment; True only for the first completion of that segment.
+
+    The trajectory keeps the last segment (its audit reads it); ``segments`` keeps
+    every segment's summary, for the campaign's history and time budget.
+    """
     before = database[TRAJECTORIES].find_one_and_update(
         {"_id": trajectory_id, "segments_completed": segment},
         {"$set": {"segments_completed": segment + 1, "last_segment": summary}},
-        projection={"_id": 1},
+        projection={"campaign_id": 1},
     )
-    return before is not None
+    if before is None:
+        return False
+    database[SEGMENTS].update_one(
+        {"_id": f"{trajectory_id}-s{segment:04d}"},
+        {
+            "$setOnInsert": {
+                "campaign_id": before["campaign_id"],
+                "trajectory_id": trajectory_id,
+                "segment": segment,
+                **{key: value for key, value in summary.items() if key != "final_frame"},
+            }
+        },
+        upsert=True,
+    )
+    return True
 
 
 def complete_audit(

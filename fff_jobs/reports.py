@@ -99,14 +99,43 @@ def learning_curve(database, campaign_id: str) -> list[dict]:
     return sorted(rows, key=lambda row: (row["reference_spent"], row["kind"]))
 
 
-def write_report(database, campaign_id: str, directory: Path) -> tuple[Path, Path]:
-    """The learning curve as CSV and PNG in ``directory``."""
+def holdout_errors(database, campaign_id: str, frames: list[Atoms]) -> dict[int, dict]:
+    """Each generation's committee-mean errors on labelled frames it never trained on."""
+    import mace  # noqa: F401  (mace before e3nn)
+
+    from fff_jobs.committee import load_committee, predict_committee
+
+    reference_energy = np.array([atoms.get_potential_energy() for atoms in frames])
+    reference_forces = np.concatenate([atoms.get_forces() for atoms in frames])
+    sizes = np.array([len(atoms) for atoms in frames])
+    errors = {}
+    for generation in db.get_campaign(database, campaign_id)["generations"]:
+        _, models = load_committee(database, campaign_id, generation["generation"])
+        prediction = predict_committee(models, frames, compute_forces=True)
+        forces = np.concatenate([member.mean(axis=0) for member in prediction.forces])
+        energy_error = np.abs(prediction.energies.mean(axis=0) - reference_energy) / sizes
+        errors[generation["generation"]] = {
+            "holdout_force_mae": float(np.abs(forces - reference_forces).mean()),
+            "holdout_energy_mae_per_atom": float(energy_error.mean()),
+        }
+    return errors
+
+
+def write_report(
+    database, campaign_id: str, directory: Path, holdout: list[Atoms] | None = None
+) -> tuple[Path, Path]:
+    """The learning curve as CSV and PNG in ``directory`` (with hold-out errors if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = learning_curve(database, campaign_id)
+    if holdout:
+        errors = holdout_errors(database, campaign_id, holdout)
+        for row in rows:
+            empty = {"holdout_force_mae": None, "holdout_energy_mae_per_atom": None}
+            row |= errors.get(row["generation"], empty) if row["kind"] == "generation" else empty
     directory.mkdir(parents=True, exist_ok=True)
     csv_path = directory / f"{campaign_id}-learning-curve.csv"
     with csv_path.open("w", newline="") as handle:
@@ -121,7 +150,15 @@ def write_report(database, campaign_id: str, directory: Path) -> tuple[Path, Pat
         [row["validation_force_mae"] for row in generations],
         "o-",
     )
-    top.set_ylabel("validation force MAE (eV/Å)")
+    if holdout:
+        top.plot(
+            [row["reference_spent"] for row in generations],
+            [row["holdout_force_mae"] for row in generations],
+            "s--",
+            label="hold-out",
+        )
+        top.legend(["validation", "hold-out"])
+    top.set_ylabel("force MAE (eV/Å)")
     top.set_title(f"campaign {campaign_id}")
     bottom.semilogy(
         [row["reference_spent"] for row in audits],

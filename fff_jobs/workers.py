@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from jobflow import Flow
@@ -61,11 +62,38 @@ def waiting_work(launchpad) -> dict[str, dict[str, int]]:
     return counts
 
 
-def run_until_done(category: str | None = None, on_rocket: Callable[[], None] | None = None) -> int:
+@contextlib.contextmanager
+def output_to(path: Path | None) -> Iterator[None]:
+    """Send this process's standard output and error, file descriptors included, to a file."""
+    if path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    with path.open("a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for descriptor, original in zip((1, 2), saved, strict=True):
+                os.dup2(original, descriptor)
+                os.close(original)
+
+
+def run_until_done(
+    category: str | None = None,
+    on_rocket: Callable[[], None] | None = None,
+    log_file: Path | None = None,
+) -> int:
     """Run rockets here, one after another, until no job can become ready; returns how many ran.
 
-    Like ``rlaunch rapidfire`` but quiet, and calling ``on_rocket`` after each one
-    (the progress bar of `fff run`).
+    Like ``rlaunch rapidfire``, calling ``on_rocket`` after each rocket (the progress
+    bar of `fff run`); with ``log_file`` the rockets' output goes there, not to the
+    terminal.
     """
     import time
 
@@ -77,19 +105,19 @@ def run_until_done(category: str | None = None, on_rocket: Callable[[], None] | 
     launchpad = load_launchpad()
     launch_directory = project.directory / ".fff" / "launches"
     launch_directory.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("jobflow").setLevel(logging.WARNING)
     here = os.getcwd()
     ran = 0
     try:
         os.chdir(launch_directory)
-        while True:
-            if launchpad.run_exists(worker):
-                ran += bool(launch_rocket(launchpad, worker, strm_lvl="ERROR"))
-                if on_rocket:
-                    on_rocket()
-            elif launchpad.future_run_exists(worker):
-                time.sleep(0.5)
-            else:
-                return ran
+        with output_to(log_file):
+            while True:
+                if launchpad.run_exists(worker):
+                    ran += bool(launch_rocket(launchpad, worker))
+                    if on_rocket:
+                        on_rocket()
+                elif launchpad.future_run_exists(worker):
+                    time.sleep(0.5)
+                else:
+                    return ran
     finally:
         os.chdir(here)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pymongo
 import pytest
 from jobflow import JobStore, run_locally
 from mace.calculators import MACECalculator
@@ -96,6 +97,25 @@ def test_registering_twice_stores_nothing_new(mongo_database, members):
     assert mongo_database[registry.MODELS].count_documents({"campaign_id": CAMPAIGN}) == 1
     files = mongo_database[f"{registry.MODEL_WEIGHTS_BUCKET}.files"]
     assert files.count_documents({}) == 1
+
+
+def test_failed_registration_leaves_nothing_behind(mongo_database, members, monkeypatch):
+    insert_one = pymongo.collection.Collection.insert_one
+
+    def refuse(collection, document, *args, **kwargs):
+        if collection.name == registry.MODELS:
+            raise pymongo.errors.OperationFailure("disk full")
+        return insert_one(collection, document, *args, **kwargs)
+
+    monkeypatch.setattr(pymongo.collection.Collection, "insert_one", refuse)
+    with pytest.raises(pymongo.errors.OperationFailure):
+        register(mongo_database, members[0], 0, size=1)
+    monkeypatch.undo()
+
+    assert registry.find_member(mongo_database, CAMPAIGN, 0, 0) is None
+    assert mongo_database[f"{registry.MODEL_WEIGHTS_BUCKET}.files"].count_documents({}) == 0
+    assert mongo_database[f"{registry.MODEL_WEIGHTS_BUCKET}.chunks"].count_documents({}) == 0
+    assert registry.current_generation(mongo_database, CAMPAIGN) is None
 
 
 def test_missing_weights_are_a_clear_error(mongo_database, members, tmp_path):

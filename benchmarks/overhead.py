@@ -1,0 +1,199 @@
+"""Benchmark: seconds of orchestration per job, fff-jobs' path against plain FireWorks.
+
+Run: ``.venv/bin/python benchmarks/overhead.py [--quick] [--sizes 100 500 2000]``.
+For each store (embedded mongomock, and a jongodb server) and each workflow size N,
+each arm runs in a fresh project, in its own process, timed from the first rocket to
+the last (imports and submission are timed apart):
+
+- ``fireworks``: N Fireworks with an empty ``PyTask`` in one workflow (the baseline);
+- ``fff``: a jobflow Flow of N empty ``@job`` s routed with :func:`fff_jobs.routing.route`
+  and added with :func:`fff_jobs.workers.submit`;
+- ``fff-growing``: one job that adds the next through ``Response(addition=...)``, N in
+  all, as a campaign grows.
+
+All three run through :func:`fff_jobs.workers.run_until_done` (the rocket loop of
+`fff run`). The per-job cost is compared with the median real task time of a campaign
+(``benchmarks/results/time_budget.json`` if present, else a tiny campaign run here).
+Writes ``benchmarks/results/overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import common
+from jobflow import Flow, Response, job
+
+ARMS = ("fireworks", "fff", "fff-growing")
+
+
+@job
+def empty() -> None:
+    """A job that does nothing."""
+
+
+@job
+def link(index: int, length: int) -> Response:
+    """Add the next job of a chain of ``length`` through ``Response(addition=...)``."""
+    from fff_jobs.routing import route
+
+    if index + 1 >= length:
+        return Response(output=index)
+    return Response(output=index, addition=Flow([route(link(index + 1, length), None)]))
+
+
+def _submit(arm: str, size: int) -> None:
+    from fff_jobs.config import load_launchpad
+    from fff_jobs.routing import route
+    from fff_jobs.workers import submit
+
+    if arm == "fireworks":
+        from fireworks import Firework, PyTask, Workflow
+
+        fireworks = [Firework(PyTask(func="time.time"), name=f"empty {i}") for i in range(size)]
+        load_launchpad().add_wf(Workflow(fireworks, name="plain fireworks"))
+    elif arm == "fff":
+        submit(Flow([route(empty(), None) for _ in range(size)], name="fff empty jobs"))
+    else:
+        submit(Flow([route(link(0, size), None)], name="fff growing chain"))
+
+
+def measure_arm(arm: str, size: int) -> dict:
+    """Submit one arm's workflow and run it here; seconds in all and per rocket."""
+    from fff_jobs.config import activate, load_launchpad
+
+    directory = activate().directory
+    from fff_jobs.workers import run_until_done
+
+    load_launchpad()
+    start = time.perf_counter()
+    _submit(arm, size)
+    submitted = time.perf_counter()
+    stamps = [submitted]
+    ran = run_until_done(
+        on_rocket=lambda: stamps.append(time.perf_counter()),
+        log_file=directory / "rockets.log",
+    )
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    tenth = max(1, len(gaps) // 10)
+    return {
+        "jobs": ran,
+        "submit_s": submitted - start,
+        "run_s": stamps[-1] - submitted,
+        "per_job_s": (stamps[-1] - submitted) / max(ran, 1),
+        "median_job_s": statistics.median(gaps) if gaps else 0.0,
+        "first_tenth_per_job_s": statistics.mean(gaps[:tenth]) if gaps else 0.0,
+        "last_tenth_per_job_s": statistics.mean(gaps[-tenth:]) if gaps else 0.0,
+    }
+
+
+def run_arm(arm: str, size: int, uri: str | None) -> dict:
+    """One arm in a fresh project (on the server if a URI is given), in its own process."""
+    directory = common.temporary_project(prefix=f"fff-overhead-{arm}-")
+    if uri:
+        common.use_server(directory, f"{uri}/bench_{arm.replace('-', '_')}_{size}")
+    output = directory / "arm.json"
+    script = str(Path(__file__).resolve())
+    common.run_in_project(
+        directory, str(common.PYTHON), script, "--worker", arm, str(size), str(output)
+    )
+    return json.loads(output.read_text())
+
+
+def measure_store(store: str, sizes: list[int], uri: str | None) -> list[dict]:
+    rows = []
+    for size in sizes:
+        for arm in ARMS:
+            figures = run_arm(arm, size, uri)
+            rows.append({"store": store, "arm": arm, "size": size} | figures)
+            print(f"  {store:8s} {arm:12s} N={size:5d}: {figures['per_job_s'] * 1e3:.1f} ms/job")
+    return rows
+
+
+def campaign_task_times(quick: bool) -> tuple[dict[str, list[float]], str]:
+    """Real task times of a campaign by kind: from time_budget.json, else a tiny campaign."""
+    saved = common.RESULTS / "time_budget.json"
+    if saved.is_file():
+        figures = json.loads(saved.read_text())
+        return figures["task_times"], f"{figures['campaign_id']} (time_budget.json)"
+    spec = common.campaign_spec(common.REPO / "tests/specs/tiny_water.yaml")
+    records = common.run_campaign(common.temporary_project(), spec)
+    return common.task_times(records), f"{records['campaign']['_id']} (run here)"
+
+
+def share_rows(rows: list[dict], times: dict[str, list[float]]) -> list[tuple]:
+    """Per kind of task: its median time and the fff per-job cost (largest N) as a share."""
+    largest = max(row["size"] for row in rows)
+    costs = {r["store"]: r["per_job_s"] for r in rows if r["arm"] == "fff" and r["size"] == largest}
+    medians = {kind: statistics.median(values) for kind, values in times.items() if values}
+    medians["all tasks"] = statistics.median(t for values in times.values() for t in values)
+    return [
+        (kind, median, *(100 * cost / median for cost in costs.values()))
+        for kind, median in medians.items()
+    ]
+
+
+def summarise(rows: list[dict], median_task: float) -> list[tuple]:
+    """Table rows: per-job cost, ratio to plain FireWorks, share of the median task time."""
+    baseline = {(r["store"], r["size"]): r["per_job_s"] for r in rows if r["arm"] == "fireworks"}
+    table = []
+    for row in rows:
+        ratio = row["per_job_s"] / baseline[(row["store"], row["size"])]
+        row |= {"ratio_to_fireworks": ratio, "share_of_median_task": row["per_job_s"] / median_task}
+        table.append(
+            (
+                row["store"],
+                row["arm"],
+                row["size"],
+                1e3 * row["per_job_s"],
+                1e3 * row["first_tenth_per_job_s"],
+                1e3 * row["last_tenth_per_job_s"],
+                ratio,
+                100 * row["share_of_median_task"],
+            )
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 50 and 200 only")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 2000])
+    parser.add_argument("--stores", nargs="+", default=["embedded", "jongodb"])
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        import overhead  # the jobs must be importable by name, not from __main__
+
+        arm, size, output = arguments.worker
+        Path(output).write_text(json.dumps(overhead.measure_arm(arm, int(size))))
+        return
+    note = common.machine_note()
+    sizes = [50, 200] if arguments.quick else arguments.sizes
+    rows = []
+    for store in arguments.stores:
+        with contextlib.ExitStack() as stack:
+            uri = stack.enter_context(common.jongodb_server()) if store == "jongodb" else None
+            rows += measure_store(store, sizes, uri)
+    times, source = campaign_task_times(arguments.quick)
+    median_task = statistics.median(t for values in times.values() for t in values)
+    headers = ("store", "arm", "N", "ms/job", "first 10%", "last 10%", "x FireWorks", "% task")
+    title = f"orchestration per job (ms); median task {median_task:.3f} s in {source}; {note}"
+    common.print_table(title, headers, summarise(rows, median_task))
+    stores = [row["store"] for row in rows if row["arm"] == "fff"][:: len(sizes)]
+    shares = share_rows(rows, times)
+    title = f"fff per-job cost (N={max(sizes)}) as % of the median task time of {source}"
+    common.print_table(title, ("kind", "median s", *(f"% {s}" for s in stores)), shares)
+    figures = {"machine": note, "median_task_s": median_task, "median_task_source": source}
+    figures |= {"shares": shares, "rows": rows}
+    common.write_results("overhead", figures)
+
+
+if __name__ == "__main__":
+    main()
