@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,6 +164,7 @@ def dump_records(database, campaign_id: str, path: Path, run_wall_time: float | 
 
 
 def _campaign_command(spec_file: str, output: str) -> None:
+    """Inside a project: submit the campaign, run every job here, dump its records."""
     from fff_jobs.config import activate, project_database
 
     activate()
@@ -180,6 +180,7 @@ def _campaign_command(spec_file: str, output: str) -> None:
 
 
 def _records_command(output: str, campaign_id: str | None) -> None:
+    """Inside a project: dump the records of a campaign (the newest if no id is given)."""
     from fff_jobs import database as db
     from fff_jobs.config import activate, project_database
 
@@ -195,7 +196,9 @@ def campaign_wall_time(records: dict) -> float:
         return float(records["run_wall_time"])
     campaign = records["campaign"]
     start = datetime.datetime.fromisoformat(campaign["created_at"])
-    return (datetime.datetime.fromisoformat(campaign["finished_at"]) - start).total_seconds()
+    # a campaign that stalled has no finished_at: its last stored result ends it
+    end = campaign.get("finished_at") or max(d["stored_at"] for d in records["reference_results"])
+    return (datetime.datetime.fromisoformat(end) - start).total_seconds()
 
 
 def task_times(records: dict) -> dict[str, list[float]]:
@@ -204,10 +207,6 @@ def task_times(records: dict) -> dict[str, list[float]]:
         kind: [float(doc["wall_time"]) for doc in records[collection] if doc.get("wall_time")]
         for kind, collection in TASK_COLLECTIONS.items()
     }
-
-
-def median_task_time(records: dict) -> float:
-    return statistics.median(t for times in task_times(records).values() for t in times)
 
 
 def campaign_spec(path: Path, **changes: object) -> dict:

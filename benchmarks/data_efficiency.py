@@ -151,7 +151,8 @@ def learning_curves(records: dict, spec, budgets: list[int], holdout: list[Atoms
         curves[arm][0] = start
         for budget in budgets:
             frames = initial + [atoms for atoms in extra[:budget] if atoms is not None]
-            curves[arm][budget] = committee_errors(frames, spec, holdout)
+            errors = committee_errors(frames, spec, holdout)
+            curves[arm][budget] = errors | {"budget_used": len(extra[:budget])}
             print(f"  seed {spec.training.seed} {arm:8s} budget {budget:4d}: {curves[arm][budget]}")
     return curves
 
@@ -162,7 +163,9 @@ def run_campaigns(specs: list[dict]) -> list[dict]:
     with ThreadPoolExecutor(max_workers=2) as pool:
         records = list(pool.map(common.run_campaign, projects, specs))
     for project, record in zip(projects, records, strict=True):
-        print(f"  campaign {record['campaign']['_id']} in {project}")
+        campaign = record["campaign"]
+        print(f"  campaign {campaign['_id']} in {project}: {campaign['status']}, spent", end=" ")
+        print(f"{campaign['budget']['spent']} of {campaign['budget']['num_to_run']}")
     return records
 
 
@@ -182,6 +185,7 @@ def summarise(curves: list[dict], budgets: list[int]) -> dict:
                 }
                 for metric in METRICS
             }
+            | {"budget_used": min(c[arm][budget].get("budget_used", 0) for c in curves)}
             for budget in [0, *budgets]
         }
     final = summary["random"][max(budgets)]["force_mae"]["mean"]
@@ -223,11 +227,14 @@ def _spread(figures: dict) -> str:
 
 
 def table_rows(summary: dict, budgets: list[int]) -> list[tuple]:
+    """One row per budget and arm: each metric's mean [min-max] over the seeds."""
     rows = []
     for budget in [0, *budgets]:
         for arm in ("campaign", "random"):
             figures = summary[arm][budget]
-            rows.append((budget, arm, *(_spread(figures[metric]) for metric in METRICS)))
+            used = figures["budget_used"]
+            label = arm if used == budget or budget == 0 else f"{arm} (only {used} spent)"
+            rows.append((budget, label, *(_spread(figures[metric]) for metric in METRICS)))
     return rows
 
 

@@ -49,6 +49,7 @@ def link(index: int, length: int) -> Response:
 
 
 def _submit(arm: str, size: int) -> None:
+    """Add one arm's workflow of ``size`` jobs to the project's LaunchPad."""
     from fff_jobs.config import load_launchpad
     from fff_jobs.routing import route
     from fff_jobs.workers import submit
@@ -107,6 +108,7 @@ def run_arm(arm: str, size: int, uri: str | None) -> dict:
 
 
 def measure_store(store: str, sizes: list[int], uri: str | None) -> list[dict]:
+    """Every arm at every size on one store, printing each figure as it comes."""
     rows = []
     for size in sizes:
         for arm in ARMS:
@@ -181,6 +183,7 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             uri = stack.enter_context(common.jongodb_server()) if store == "jongodb" else None
             rows += measure_store(store, sizes, uri)
+        common.write_results("overhead_rows", {"machine": note, "rows": rows})  # so far
     times, source = campaign_task_times(arguments.quick)
     median_task = statistics.median(t for values in times.values() for t in values)
     headers = ("store", "arm", "N", "ms/job", "first 10%", "last 10%", "x FireWorks", "% task")

@@ -42,6 +42,7 @@ def time_budget(records: dict) -> dict:
 
 
 def records_to_measure(arguments: argparse.Namespace) -> dict:
+    """Records of the campaign in --project, else of a campaign run here now."""
     if arguments.project:
         return common.campaign_records(arguments.project.resolve(), arguments.campaign)
     spec_file = common.REPO / ("tests/specs/tiny_water.yaml" if arguments.quick else arguments.spec)

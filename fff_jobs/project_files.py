@@ -150,7 +150,7 @@ def mongodb_files(uri: str) -> dict[str, str]:
     }
     stores = _job_store(
         _server_store("maggma.stores", "MongoURIStore", uri, database, OUTPUTS_COLLECTION),
-        _server_store("maggma.stores", "GridFSURIStore", uri, database, DATA_COLLECTION),
+        _server_store("maggma.stores.gridfs", "GridFSURIStore", uri, database, DATA_COLLECTION),
     )
     return {
         "my_launchpad.yaml": LAUNCHPAD_HEADER + MONGODB_LAUNCHPAD_NOTE + _dump(launchpad),

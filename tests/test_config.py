@@ -13,6 +13,10 @@ from fff_jobs.project_files import embedded_files
 from project import REPO, run
 
 UNREACHABLE = "mongodb://127.0.0.1:9/fff"
+STORE_TYPES = (
+    "from fff_jobs.config import activate, load_job_store; activate(); store = load_job_store(); "
+    "print(type(store.docs_store).__name__, type(store.additional_stores['data']).__name__)"
+)
 
 
 def snapshot(directory: Path) -> dict[str, str]:
@@ -47,6 +51,9 @@ def test_init_switches_to_a_server_and_back(workdir: Path):
     assert "MONGOMOCK_SERVERSTORE_FILE" not in (workdir / "fw_config/FW_config.yaml").read_text()
     assert (workdir / "my_launchpad.yaml").stat().st_mode & 0o077 == 0
     assert "pw" not in result.stdout
+    stores = run(workdir, "python", "-c", STORE_TYPES)
+    assert stores.returncode == 0, stores.stderr
+    assert stores.stdout.split() == ["MongoURIStore", "GridFSURIStore"]
     back = run(workdir, "fff", "init", "--force")
     assert back.returncode == 0, back.stderr
     assert snapshot(workdir) == embedded_files()

@@ -158,6 +158,7 @@ def test_cli_exports_the_current_committee(mongo_database, members, tmp_path, mo
 
     for index, trained in enumerate(members):
         register(mongo_database, trained, index)
+    mongo_database[registry.CAMPAIGNS].insert_one({"_id": CAMPAIGN})
     monkeypatch.setattr(config, "project_database", lambda: mongo_database)
     monkeypatch.setattr(config, "activate", lambda *args: None)
     result = CliRunner().invoke(app, ["export-model", CAMPAIGN, str(tmp_path), "--member", "1"])
