@@ -14,13 +14,19 @@ workflow grows at run time:
 - reference results -> the next training generation every ``retrain_freq``.
 
 Coordination goes through atomic updates in :mod:`fff_jobs.database`: a re-run of
-any job finds its work done or claimed and adds nothing twice. Dynamically added
+any job finds its work done or claimed and adds nothing twice. Every claim names
+the job that took it (its jobflow uuid, the same in every re-run) and when. A job
+killed at any point is re-run by ``lpad detect_lostruns --rerun`` (or `fff
+recover`): the re-run finds what the dead run stored, gets its own claims back,
+and adds the jobs the dead run never handed over (jobs are named uniquely, and
+:func:`_grow` leaves out those the LaunchPad holds already). Dynamically added
 jobs get ids, never data: jobflow refuses references from them to other jobs,
 and data inlined into specs would bloat the workflow documents.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 import zlib
@@ -49,6 +55,13 @@ def campaign_spec(campaign: dict) -> CampaignSpec:
 def _named(work: Job, name: str) -> Job:
     work.name = name
     return work
+
+
+def this_job() -> str:
+    """The running job's uuid, which owns the claims it takes; a re-run has the same one."""
+    from jobflow import CURRENT_JOB
+
+    return CURRENT_JOB.job.uuid if CURRENT_JOB.job is not None else "no-job"
 
 
 # --- which job adds which ---
@@ -111,7 +124,7 @@ def next_training(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
     campaign = db.get_campaign(database, campaign_id)
     required = 1 if campaign["budget"]["left"] == 0 else spec.retrain_freq
     generation = db.claim_training_round(
-        database, campaign_id, db.newest_sequence(database, campaign_id), required
+        database, campaign_id, db.newest_sequence(database, campaign_id), required, this_job()
     )
     return [] if generation is None else train_jobs(campaign_id, spec, generation)
 
@@ -130,19 +143,66 @@ def maybe_finish(database, campaign_id: str) -> None:
         db.finish_campaign(database, campaign_id, "reference budget spent")
 
 
+def keep_going(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
+    """Work for a campaign whose trajectories have all retired: its pooled frames, or a new round.
+
+    Without it, a campaign whose every trajectory failed its audits too often would
+    wait for frames no segment will pool. A new generation revives the retired
+    trajectories (see _follow_up_generation); with nothing new to learn from, the
+    campaign ends and says why.
+    """
+    campaign = db.get_campaign(database, campaign_id)
+    if (
+        campaign["status"] != db.RUNNING
+        or campaign["training"]["running"]
+        or campaign["selection"]["pending"]
+        or db.count_trajectories(database, campaign_id, "sampling")
+        or db.count_selected_uncalculated(database, campaign_id) > 0
+    ):
+        return []
+    if db.count_pooled(database, campaign_id):
+        number = db.request_selection(database, campaign_id, this_job())
+        return [] if number is None else [selection_job(campaign_id, spec, number)]
+    generation = db.claim_training_round(
+        database, campaign_id, db.newest_sequence(database, campaign_id), 1, this_job()
+    )
+    if generation is not None:
+        return train_jobs(campaign_id, spec, generation)
+    db.finish_campaign(database, campaign_id, "every trajectory retired, nothing new to learn")
+    return []
+
+
+def _revive_trajectories(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
+    """Next segments of the trajectories a new generation brings back from retirement."""
+    if db.get_campaign(database, campaign_id)["budget"]["left"] == 0:
+        return []
+    return [
+        segment_job(campaign_id, spec, trajectory["_id"], trajectory["segments_completed"])
+        for trajectory in db.revive_trajectories(database, campaign_id)
+    ]
+
+
 def next_selection(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
     """An inference-and-selection job once enough frames are pooled (one waiting at most)."""
     if db.count_pooled(database, campaign_id) < spec.inference_chunk:
         return []
-    number = db.request_selection(database, campaign_id)
+    number = db.request_selection(database, campaign_id, this_job())
     return [] if number is None else [selection_job(campaign_id, spec, number)]
 
 
-def _grow(output: dict, additions: list[Job], detour: Job | None = None) -> Response:
+def _grow(database, output: dict, additions: list[Job], detour: Job | None = None) -> Response:
+    """The job's output and the jobs it adds, less those the LaunchPad holds already.
+
+    A job re-run after a crash proposes again what it would have added; only what
+    the dead run never handed over is new.
+    """
+    proposed = [*additions, *([detour] if detour else [])]
+    existing = db.existing_job_names(database, [work.name for work in proposed])
+    additions = [work for work in additions if work.name not in existing]
     return Response(
         output=output,
         addition=Flow(additions) if additions else None,
-        detour=detour,
+        detour=detour if detour and detour.name not in existing else None,
     )
 
 
@@ -236,10 +296,10 @@ def ingest(campaign_id: str) -> Response:
             "computed by the reference; check the reference settings and starting structures"
         )
     generation = db.claim_training_round(
-        database, campaign_id, db.newest_sequence(database, campaign_id), 1
+        database, campaign_id, db.newest_sequence(database, campaign_id), 1, this_job()
     )
     additions = [] if generation is None else train_jobs(campaign_id, spec, generation)
-    return _grow({"initial_frames": len(frames), "succeeded": succeeded}, additions)
+    return _grow(database, {"initial_frames": len(frames), "succeeded": succeeded}, additions)
 
 
 def _training_frames(database, campaign_id: str, generation: int) -> list:
@@ -281,9 +341,28 @@ def _train_and_register(
         "wall_time": trained.wall_time,
         "device": trained.device,
         "versions": package_versions(),
+        "diverged": _divergence(trained.history),
     }
     document, _ = db.register_member(database, record, trained.model.state_dict())
     return document
+
+
+def _divergence(history: list[dict]) -> str | None:
+    """Why a member's training diverged (no finite validation loss in any epoch), or None.
+
+    A diverged member is registered all the same, with the weights it started from
+    (its parent's, or fresh ones) and this reason, so that its round completes and
+    the campaign goes on; `fff status` counts such members, and the generation's
+    figures average only members that did not diverge.
+    """
+    if any(math.isfinite(entry["validation_loss"]) for entry in history):
+        return None
+    return f"training diverged: validation loss {history[-1]['validation_loss']} in every epoch"
+
+
+def _mean_metric(documents: list[dict], name: str) -> float:
+    values = [d["metrics"][name] for d in documents if not d.get("diverged")]
+    return sum(values) / len(values) if values else math.nan
 
 
 def _follow_up_generation(
@@ -292,10 +371,8 @@ def _follow_up_generation(
     """What the end of a training round adds: first segments, next round, or the end."""
     documents = db.committee_documents(database, campaign_id, generation)
     campaign = db.get_campaign(database, campaign_id)
-    force_mae = sum(d["metrics"]["validation_force_mae"] for d in documents) / len(documents)
-    energy_mae = sum(d["metrics"]["validation_energy_mae_per_atom"] for d in documents) / len(
-        documents
-    )
+    force_mae = _mean_metric(documents, "validation_force_mae")
+    energy_mae = _mean_metric(documents, "validation_energy_mae_per_atom")
     db.record_generation(
         database,
         campaign_id,
@@ -316,19 +393,23 @@ def _follow_up_generation(
             f"validation force error {force_mae:.4f} eV/A reached the target {target}",
         )
         return []
-    additions = _start_trajectories(database, campaign_id, spec) if generation == 0 else []
+    if generation == 0:
+        additions = _start_trajectories(database, campaign_id, spec)
+    else:
+        additions = _revive_trajectories(database, campaign_id, spec)
     additions += next_training(database, campaign_id, spec)
     maybe_finish(database, campaign_id)
-    return additions
+    return additions + keep_going(database, campaign_id, spec)
 
 
 def _start_trajectories(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
+    """Create the trajectories and their first segments (again, for a re-run: see _grow)."""
     starts = db.starting_structures(database, campaign_id)
     jobs = []
     for index in range(spec.trajectories):
         start = starts[index % len(starts)]
         trajectory_id = f"{campaign_id}-t{index:03d}"
-        created = db.create_trajectory(
+        db.create_trajectory(
             database,
             {
                 "_id": trajectory_id,
@@ -345,7 +426,7 @@ def _start_trajectories(database, campaign_id: str, spec: CampaignSpec) -> list[
                 "status": "sampling",
             },
         )
-        if created:
+        if db.get_trajectory(database, trajectory_id)["segments_completed"] == 0:
             jobs.append(segment_job(campaign_id, spec, trajectory_id, 0))
     return jobs
 
@@ -360,10 +441,11 @@ def train_member(campaign_id: str, generation: int, member: int) -> Response:
         document = _train_and_register(database, campaign_id, spec, generation, member)
     additions = []
     if db.current_generation(database, campaign_id) == generation and db.claim_generation_follow_up(
-        database, campaign_id, generation
+        database, campaign_id, generation, this_job()
     ):
         additions = _follow_up_generation(database, campaign_id, spec, generation)
-    return _grow({"model_id": document["_id"], "metrics": document["metrics"]}, additions)
+    output = {"model_id": document["_id"], "metrics": document["metrics"]}
+    return _grow(database, output, additions)
 
 
 def _sampling_calculator(database, campaign_id: str, spec: CampaignSpec):
@@ -389,17 +471,26 @@ def _segment_seed(trajectory_id: str, segment: int) -> int:
 @job
 def md_segment(campaign_id: str, trajectory_id: str, segment: int) -> Response:
     """Run one MD segment with the newest model, pool its frames and add its audit."""
-    from fff_jobs.sampling import run_segment
-
     database = project_database()
-    trajectory = db.get_trajectory(database, trajectory_id)
-    if trajectory["segments_completed"] > segment:
-        return Response(output={"repeated": True})
     campaign = db.get_campaign(database, campaign_id)
     spec = campaign_spec(campaign)
-    if campaign["status"] != db.RUNNING or campaign["budget"]["left"] == 0:
-        db.set_trajectory_status(database, trajectory_id, "stopped")
-        return Response(output={"stopped": campaign["stop_reason"] or "reference budget spent"})
+    output = {"repeated": True}
+    if db.get_trajectory(database, trajectory_id)["segments_completed"] <= segment:
+        if campaign["status"] != db.RUNNING or campaign["budget"]["left"] == 0:
+            db.set_trajectory_status(database, trajectory_id, "stopped")
+            return Response(output={"stopped": campaign["stop_reason"] or "reference budget spent"})
+        output = _run_segment(database, campaign_id, spec, trajectory_id, segment)
+    audit = audit_job(campaign_id, spec, trajectory_id, segment)
+    return _grow(database, output, next_selection(database, campaign_id, spec), detour=audit)
+
+
+def _run_segment(
+    database, campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int
+) -> dict:
+    """Run the segment, pool its frames and record it; the job's output."""
+    from fff_jobs.sampling import run_segment
+
+    trajectory = db.get_trajectory(database, trajectory_id)
     calculator, generation = _sampling_calculator(database, campaign_id, spec)
     start = Frame.model_validate(trajectory["current_frame"]).to_atoms()
     result = run_segment(
@@ -436,16 +527,9 @@ def md_segment(campaign_id: str, trajectory_id: str, segment: int) -> Response:
         "generation": generation,
         "wall_time": result.wall_time,
     }
-    output = {
-        "steps": result.steps,
-        "frames": len(result.frames),
-        "flag": result.flag,
-        "generation": generation,
-    }
-    if not db.complete_segment(database, trajectory_id, segment, summary):
-        return Response(output=output | {"repeated": True})
-    audit = audit_job(campaign_id, spec, trajectory_id, segment)
-    return _grow(output, next_selection(database, campaign_id, spec), detour=audit)
+    completed = db.complete_segment(database, trajectory_id, segment, summary)
+    output = {"steps": result.steps, "frames": len(result.frames), "flag": result.flag}
+    return output | {"generation": generation, "repeated": not completed}
 
 
 def _audit_result(
@@ -456,7 +540,7 @@ def _audit_result(
     stored = db.find_reference_result(database, result_id)
     if stored is not None:
         return stored
-    if not db.claim_budget(database, campaign_id, result_id):
+    if not db.claim_budget(database, campaign_id, result_id, this_job()):
         return None
     last = trajectory["last_segment"]
     (result,) = compute_references(
@@ -478,18 +562,35 @@ def _audit_result(
 @job
 def audit_segment(campaign_id: str, trajectory_id: str, segment: int) -> Response:
     """Compute a segment's final frame with the reference; continue or restart the trajectory."""
+    database = project_database()
+    spec = campaign_spec(db.get_campaign(database, campaign_id))
+    output: dict = {"repeated": True}
+    if db.get_trajectory(database, trajectory_id)["audits_completed"] <= segment:
+        output = _audit(database, campaign_id, spec, trajectory_id, segment)
+    additions = next_training(database, campaign_id, spec)
+    trajectory = db.get_trajectory(database, trajectory_id)
+    campaign = db.get_campaign(database, campaign_id)
+    if (
+        trajectory["status"] == "sampling"
+        and trajectory["audits_completed"] > segment
+        and campaign["status"] == db.RUNNING
+        and campaign["budget"]["left"] > 0
+    ):
+        additions.append(segment_job(campaign_id, spec, trajectory_id, segment + 1))
+    maybe_finish(database, campaign_id)
+    additions += keep_going(database, campaign_id, spec)
+    return _grow(database, output, additions)
+
+
+def _audit(database, campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int):
+    """Audit the segment and apply the decision to its trajectory; the job's output."""
     from fff_jobs.sampling import audit_decision
 
-    database = project_database()
     trajectory = db.get_trajectory(database, trajectory_id)
-    if trajectory["audits_completed"] > segment:
-        return Response(output={"repeated": True})
-    spec = campaign_spec(db.get_campaign(database, campaign_id))
     result = _audit_result(database, campaign_id, spec, trajectory, segment)
     if result is None:
         db.set_trajectory_status(database, trajectory_id, "stopped")
-        maybe_finish(database, campaign_id)
-        return Response(output={"stopped": "reference budget spent"})
+        return {"stopped": "reference budget spent"}
     last = trajectory["last_segment"]
     decision = audit_decision(
         last["final_energy"],
@@ -504,59 +605,63 @@ def audit_segment(campaign_id: str, trajectory_id: str, segment: int) -> Respons
     passed = decision.action == "continue"
     failures = 0 if passed else trajectory["failures"] + 1
     retired = failures >= spec.max_trajectory_failures
+    errors = trajectory["errors_per_step"]
+    if decision.error_per_step is not None:
+        errors = [*errors, decision.error_per_step][-spec.audit.error_history :]
     changes = {
         "current_frame": last["final_frame"] if passed else trajectory["start_frame"],
         "run_length": decision.run_length,
-        "error_per_step": decision.error_per_step,
+        "errors_per_step": errors,
         "failures": failures,
         "restarts": trajectory["restarts"] + (not passed),
         "status": "retired" if retired else "sampling",
         "last_audit": decision.model_dump(),
     }
-    if not db.complete_audit(database, trajectory_id, segment, changes, spec.audit.error_history):
-        return Response(output={"repeated": True})
     db.annotate_audit(database, result["_id"], decision.model_dump())
-    additions = next_training(database, campaign_id, spec)
-    campaign = db.get_campaign(database, campaign_id)
-    if not retired and campaign["status"] == db.RUNNING and campaign["budget"]["left"] > 0:
-        additions.append(segment_job(campaign_id, spec, trajectory_id, segment + 1))
-    maybe_finish(database, campaign_id)
-    return _grow({"decision": decision.model_dump(), "retired": retired}, additions)
+    completed = db.complete_audit(database, trajectory_id, segment, changes)
+    return {"decision": decision.model_dump(), "retired": retired, "repeated": not completed}
 
 
 @job
 def infer_and_select(campaign_id: str, number: int) -> Response:
     """Score the pooled frames with the committee and pick the next batch to calculate."""
     database = project_database()
-    selection_id = f"{campaign_id}-sel{number:04d}"
-    if db.get_selection(database, selection_id) is not None:
-        return Response(output={"repeated": True})
-    campaign = db.get_campaign(database, campaign_id)
-    spec = campaign_spec(campaign)
+    spec = campaign_spec(db.get_campaign(database, campaign_id))
+    selection_id = db.selection_id(campaign_id, number)
+    output: dict = {"repeated": True}
+    if db.get_selection(database, selection_id) is None:
+        output = _infer_and_select(database, campaign_id, spec, selection_id)
+    selected = db.get_selection(database, selection_id)["selected"]
+    db.release_selection(database, campaign_id, number)
+    additions = calculation_jobs(campaign_id, spec, number, selected)
+    additions += next_selection(database, campaign_id, spec)
+    additions += keep_going(database, campaign_id, spec)
+    return _grow(database, output, additions)
+
+
+def _infer_and_select(database, campaign_id: str, spec: CampaignSpec, selection_id: str) -> dict:
+    """Claim the pooled frames, score them, store the selection; the job's output."""
     started = time.perf_counter()
     frames = db.claim_pooled_frames(database, campaign_id, selection_id)
-    batch_size = min(spec.selection.batch_size, campaign["budget"]["left"])
-    selected, spreads, generation = [], [], db.current_generation(database, campaign_id)
+    batch_size = min(
+        spec.selection.batch_size, db.get_campaign(database, campaign_id)["budget"]["left"]
+    )
+    selected, spreads, generation = [], {}, db.current_generation(database, campaign_id)
     if frames and batch_size > 0:
         selected, spreads = _select(database, campaign_id, spec, frames, batch_size)
-    stored = db.store_selection(
+    db.store_selection(
         database,
         {
             "_id": selection_id,
             "campaign_id": campaign_id,
             "generation": generation,
-            "frame_ids": [frame["_id"] for frame in frames],
-            "spreads": spreads,
+            "scored": len(frames),
             "selected": selected,
             "wall_time": time.perf_counter() - started,
         },
+        spreads,
     )
-    db.release_selection(database, campaign_id)
-    if not stored:
-        return Response(output={"repeated": True})
-    additions = calculation_jobs(campaign_id, spec, number, selected)
-    additions += next_selection(database, campaign_id, spec)
-    return _grow({"scored": len(frames), "selected": len(selected)}, additions)
+    return {"scored": len(frames), "selected": len(selected)}
 
 
 def _select(database, campaign_id: str, spec: CampaignSpec, frames: list[dict], batch_size: int):
@@ -578,8 +683,10 @@ def _select(database, campaign_id: str, spec: CampaignSpec, frames: list[dict], 
         spec.selection.model_dump() | {"batch_size": batch_size}
     )
     picked = select_frames(per_atom.T, settings, prediction.descriptors)
-    spreads = [float(value) for value in prediction.energy_per_atom_std]
-    return [frames[index]["_id"] for index in picked], spreads
+    spreads = prediction.energy_per_atom_std
+    return [frames[index]["_id"] for index in picked], {
+        frame["_id"]: float(spread) for frame, spread in zip(frames, spreads, strict=True)
+    }
 
 
 @job
@@ -591,7 +698,7 @@ def calculate(campaign_id: str, frame_ids: list[str]) -> Response:
     for frame in db.get_frames(database, frame_ids):
         result_id = f"{frame['_id']}-active"
         if db.find_reference_result(database, result_id) or not db.claim_budget(
-            database, campaign_id, result_id
+            database, campaign_id, result_id, this_job()
         ):
             continue
         (result,) = compute_references(
@@ -611,4 +718,49 @@ def calculate(campaign_id: str, frame_ids: list[str]) -> Response:
         computed += db.store_reference_result(database, document)
     additions = next_training(database, campaign_id, spec)
     maybe_finish(database, campaign_id)
-    return _grow({"computed": computed}, additions)
+    additions += keep_going(database, campaign_id, spec)
+    return _grow(database, {"computed": computed}, additions)
+
+
+# --- recovering from dead workers ---
+
+
+def recover(launchpad, database, expiration_secs: int) -> list[str]:
+    """Re-run jobs whose worker died and repair the claims such jobs left; what was done.
+
+    FireWorks' lost-run detection re-runs every job not pinged for
+    ``expiration_secs``; each re-run gets its own claims back (see the module's
+    docstring). What remains are claims of jobs that will not run again.
+    """
+    _, lost, _ = launchpad.detect_lostruns(expiration_secs=expiration_secs, rerun=True)
+    lines = [f"re-ran {len(lost)} lost job(s)" + (f": Fireworks {sorted(lost)}" if lost else "")]
+    for campaign in db.list_campaigns(database):
+        if campaign["status"] == db.RUNNING:
+            lines += _repair_claims(database, campaign["_id"])
+    return lines
+
+
+def _repair_claims(database, campaign_id: str) -> list[str]:
+    """Level the budget counter, release a dead selection, and name what needs a rerun."""
+    spent = db.recount_budget(database, campaign_id)
+    alive_jobs = db.campaign_jobs(database, campaign_id, db.ALIVE_STATES)
+    alive = {job["uuid"] for job in alive_jobs} | {job["name"] for job in alive_jobs}
+    lines = [f"{campaign_id}: {spent} reference calculation(s) claimed"]
+    number = db.release_dead_selection(database, campaign_id, alive)
+    if number is not None:
+        lines.append(f"{campaign_id}: released selection {number} (its job is gone); frames pooled")
+    training = db.get_campaign(database, campaign_id)["training"]
+    prefix = f"{campaign_id} train g{training['generation']} "
+    if training["running"] and not any(job["name"].startswith(prefix) for job in alive_jobs):
+        lines.append(f"{campaign_id}: training round {training['generation']} has no job left")
+    orphans = db.unclaimed_budget(database, campaign_id, alive)
+    if orphans:
+        lines.append(f"{campaign_id}: {len(orphans)} claimed calculation(s) have no job left")
+    failed = sorted(job["fw_id"] for job in db.campaign_jobs(database, campaign_id, ("FIZZLED",)))
+    if failed:
+        ids = ",".join(map(str, failed))
+        lines.append(
+            f"{campaign_id}: {len(failed)} failed job(s): see `lpad get_fws -s FIZZLED -d more`, "
+            f"rerun them with `lpad rerun_fws -i {ids}`"
+        )
+    return lines

@@ -64,11 +64,24 @@ def init(
         str | None,
         typer.Option(help="MongoDB URI (mongodb:// or mongodb+srv://); omit: embedded store"),
     ] = None,
+    uri_env: Annotated[
+        str | None,
+        typer.Option(
+            help="Read the MongoDB URI from this environment variable instead "
+            "(keeps a password out of shell history and the process list)"
+        ),
+    ] = None,
     directory: Annotated[Path, typer.Option(help="Project directory")] = Path("."),
     force: Annotated[bool, typer.Option(help="Overwrite existing configuration files")] = False,
     check: Annotated[bool, typer.Option(help="Check that the server answers first")] = True,
 ) -> None:
     """Write the project's configuration for the embedded store or a MongoDB server."""
+    if uri_env is not None:
+        if uri is not None:
+            raise config.ConfigError("give --uri or --uri-env, not both")
+        uri = os.environ.get(uri_env)
+        if not uri:
+            raise config.ConfigError(f"environment variable {uri_env} is not set (or empty)")
     written = project_files.write_configuration(directory.resolve(), uri, force=force, check=check)
     for path in written:
         typer.echo(f"wrote {path}")
@@ -140,7 +153,14 @@ def export_model(
 EMBEDDED_WARNING = (
     "embedded store: this process holds the whole database and writes it to {file} when it "
     "ends. Run nothing else on this project meanwhile; if this process is killed, everything "
-    "since it started is lost (use a MongoDB server for real campaigns: fff init --uri ...)."
+    "since it started is lost and its jobs run again next time (use a MongoDB server for real "
+    "campaigns: fff init --uri ...)."
+)
+
+
+EMBEDDED_RECOVERY = (
+    "embedded store: a killed process never wrote {file}, so its jobs are READY again, not "
+    "lost: run the workers again. Its job outputs stay in .fff/jobstore and are replaced."
 )
 
 
@@ -175,9 +195,11 @@ def run(
     from fff_jobs import database as db
     from fff_jobs.campaign import submit_campaign
     from fff_jobs.spec import CampaignSpec
-    from fff_jobs.workers import run_until_done
+    from fff_jobs.workers import load_fworker, run_until_done
 
     spec = CampaignSpec.from_yaml(spec_file)
+    if category:
+        load_fworker(project.fworker_file(category))
     if project.embedded_file:
         typer.echo(EMBEDDED_WARNING.format(file=project.embedded_file), err=True)
     campaign_id = submit_campaign(spec)
@@ -244,6 +266,7 @@ def print_status(campaign_id: str) -> None:
     for category, states in sorted(status["jobs"].items()):
         counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
         rows.append((f"jobs ({category})", counts))
+    rows += [("problem", reason) for reason in status["problems"]]
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
@@ -285,10 +308,9 @@ def report(
 ) -> None:
     """Write the learning curve (validation and audit errors against budget) as CSV and PNG."""
     config.activate()
-    from fff_jobs.reports import write_report
-    from fff_jobs.structures import read_structures
+    from fff_jobs.reports import read_holdout, write_report
 
-    frames = read_structures(holdout) if holdout else None
+    frames = read_holdout(holdout) if holdout else None
     for path in write_report(config.project_database(), campaign, output, frames):
         typer.echo(f"wrote {path}")
 
@@ -305,3 +327,27 @@ def export(
 
     for path in export_training_set(config.project_database(), campaign, output):
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+@clear_errors
+def recover(
+    expire: Annotated[
+        int | None,
+        typer.Option(
+            help="Seconds without a ping after which a running job is lost "
+            "(default: RUN_EXPIRATION_SECS of FW_config.yaml)"
+        ),
+    ] = None,
+) -> None:
+    """Re-run jobs whose worker died (lpad detect_lostruns --rerun) and repair their claims."""
+    project = config.activate()
+    from fireworks.fw_config import RUN_EXPIRATION_SECS
+
+    from fff_jobs.campaign import recover as recover_campaigns
+
+    if project.embedded_file:
+        typer.echo(EMBEDDED_RECOVERY.format(file=project.embedded_file), err=True)
+    expiration = RUN_EXPIRATION_SECS if expire is None else expire
+    for line in recover_campaigns(config.load_launchpad(), config.project_database(), expiration):
+        typer.echo(line)

@@ -74,11 +74,11 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         content = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or type(error).__name__
+        from fff_jobs.spec import describe_yaml_error
+
         raise ConfigError(
-            f"{path} is not valid YAML ({where}{problem}); fix it or rerun `fff init --force`"
+            f"{path} is not valid YAML ({describe_yaml_error(error)}); "
+            "fix it or rerun `fff init --force`"
         ) from None
     if not isinstance(content, dict):
         kind = type(content).__name__

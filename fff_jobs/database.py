@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import io
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -234,6 +235,10 @@ TRAJECTORIES = "trajectories"
 SEGMENTS = "segments"
 FRAME_POOL = "frame_pool"
 SELECTIONS = "selections"
+BUDGET_CLAIMS = "budget_claims"
+# FireWorks' own collection, read here only to find a campaign's jobs by name
+FIREWORKS = "fireworks"
+ALIVE_STATES = ("WAITING", "READY", "RESERVED", "RUNNING")
 
 RUNNING, COMPLETE = "running", "complete"
 POOLED, CLAIMED, SELECTED, DISCARDED = "pooled", "claimed", "selected", "discarded"
@@ -256,6 +261,7 @@ def ensure_campaign_indexes(database: Database) -> None:
     database[FRAME_POOL].create_index([("selection_id", 1)])
     database[TRAJECTORIES].create_index([("campaign_id", 1), ("index", 1)], unique=True)
     database[STARTING_STRUCTURES].create_index([("campaign_id", 1), ("index", 1)], unique=True)
+    database[BUDGET_CLAIMS].create_index([("campaign_id", 1), ("result_id", 1)], unique=True)
 
 
 def create_campaign(database: Database, campaign_id: str, name: str, spec: dict) -> dict:
@@ -273,7 +279,6 @@ def create_campaign(database: Database, campaign_id: str, name: str, spec: dict)
             "num_to_run": spec["num_to_run"],
             "spent": 0,
             "left": spec["num_to_run"],
-            "claims": [],
         },
         "sequence": 0,
         "training": {
@@ -301,34 +306,79 @@ def get_campaign(database: Database, campaign_id: str) -> dict:
 
 
 def list_campaigns(database: Database) -> list[dict]:
-    """Every campaign, newest first, without its claims."""
-    projection = {"budget.claims": 0}
-    return list(database[CAMPAIGNS].find({}, projection).sort("created_at", -1))
+    """Every campaign, newest first."""
+    return list(database[CAMPAIGNS].find({}).sort("created_at", -1))
 
 
-def claim_budget(database: Database, campaign_id: str, result_id: str) -> bool:
+def claim_budget(database: Database, campaign_id: str, result_id: str, owner: str) -> bool:
     """Spend one reference calculation on ``result_id``; False when the budget is gone.
 
-    One conditional update: the id joins the claims only while fewer than
-    num_to_run are claimed, so concurrent workers never overspend; a re-run of
-    the same calculation finds its claim and may go on.
+    Each claim is one document of ``budget_claims`` in a numbered slot,
+    ``_id`` ``<campaign>-budget<slot>`` with slot < num_to_run: inserting it is the
+    claim, one atomic operation, and the unique ``_id`` lets two workers never take
+    the same slot, so the budget is never overspent. A re-run of the same
+    calculation finds its claim (unique on campaign and result) and may go on.
+
+    The campaign's ``budget.spent``/``left`` are a counter updated after the insert
+    (:func:`_count_spent`, monotone). A crash between the two operations leaves the
+    counter one behind: the next claim's update, or `fff recover`
+    (:func:`recount_budget`), brings it level.
     """
-    claimed = database[CAMPAIGNS].find_one_and_update(
-        {
-            "_id": campaign_id,
-            "status": RUNNING,
-            "budget.left": {"$gt": 0},
-            "budget.claims": {"$ne": result_id},
-        },
-        {
-            "$inc": {"budget.spent": 1, "budget.left": -1},
-            "$push": {"budget.claims": result_id},
-        },
-        projection={"_id": 1},
-    )
-    if claimed is not None:
+    claims = database[BUDGET_CLAIMS]
+    if claims.count_documents({"campaign_id": campaign_id, "result_id": result_id}, limit=1):
         return True
-    return database[CAMPAIGNS].count_documents({"_id": campaign_id, "budget.claims": result_id}) > 0
+    campaign = get_campaign(database, campaign_id)
+    budget = campaign["budget"]
+    if campaign["status"] != RUNNING:
+        return False
+    for slot in range(budget["spent"], budget["num_to_run"]):
+        try:
+            claims.insert_one(
+                {
+                    "_id": f"{campaign_id}-budget{slot:07d}",
+                    "campaign_id": campaign_id,
+                    "slot": slot,
+                    "result_id": result_id,
+                    "owner": owner,
+                    "claimed_at": now(),
+                }
+            )
+        except pymongo.errors.DuplicateKeyError:
+            if claims.count_documents({"campaign_id": campaign_id, "result_id": result_id}):
+                return True
+            continue
+        _count_spent(database, campaign_id, slot + 1, budget["num_to_run"])
+        return True
+    return False
+
+
+def _count_spent(database: Database, campaign_id: str, spent: int, num_to_run: int) -> None:
+    """Raise the campaign's budget counter to ``spent`` (never lowers it: claims only grow)."""
+    database[CAMPAIGNS].update_one(
+        {"_id": campaign_id, "budget.spent": {"$lt": spent}},
+        {"$set": {"budget.spent": spent, "budget.left": num_to_run - spent}},
+    )
+
+
+def recount_budget(database: Database, campaign_id: str) -> int:
+    """Bring the budget counter level with the claims (after a crash); returns the count."""
+    spent = database[BUDGET_CLAIMS].count_documents({"campaign_id": campaign_id})
+    num_to_run = get_campaign(database, campaign_id)["budget"]["num_to_run"]
+    _count_spent(database, campaign_id, spent, num_to_run)
+    return spent
+
+
+def unclaimed_budget(database: Database, campaign_id: str, owners: set[str]) -> list[str]:
+    """Result ids claimed by jobs not in ``owners`` whose result was never stored."""
+    claims = database[BUDGET_CLAIMS].find(
+        {"campaign_id": campaign_id, "owner": {"$nin": list(owners)}}
+    )
+    claimed = [claim["result_id"] for claim in claims]
+    stored = {
+        doc["_id"]
+        for doc in database[REFERENCE_RESULTS].find({"_id": {"$in": claimed}}, {"_id": 1})
+    }
+    return [result_id for result_id in claimed if result_id not in stored]
 
 
 def store_reference_result(database: Database, document: dict) -> bool:
@@ -377,15 +427,20 @@ def newest_sequence(database: Database, campaign_id: str) -> int:
 
 
 def claim_training_round(
-    database: Database, campaign_id: str, newest: int, required_new: int
+    database: Database, campaign_id: str, newest: int, required_new: int, owner: str
 ) -> int | None:
     """Start the next training generation if none is running and enough new data arrived.
 
     One conditional update (on the generation read just before), so two workers
     never start the same round. The round trains on every successful result up
-    to sequence ``newest``. Returns the generation to train, or None.
+    to sequence ``newest``. Returns the generation to train, or None. The claim
+    names its ``owner`` (a job uuid) and time: a re-run of the owner after a crash
+    gets its running round back, and adds the jobs the dead run never handed over.
     """
-    generation = get_campaign(database, campaign_id)["training"]["generation"] + 1
+    training = get_campaign(database, campaign_id)["training"]
+    if training["running"] and training.get("owner") == owner:
+        return training["generation"]
+    generation = training["generation"] + 1
     before = database[CAMPAIGNS].find_one_and_update(
         {
             "_id": campaign_id,
@@ -400,6 +455,8 @@ def claim_training_round(
                 "training.generation": generation,
                 "training.max_sequence": newest,
                 f"training.rounds.{generation}": newest,
+                "training.owner": owner,
+                "training.claimed_at": now(),
             }
         },
         projection={"_id": 1},
@@ -407,21 +464,34 @@ def claim_training_round(
     return None if before is None else generation
 
 
-def claim_generation_follow_up(database: Database, campaign_id: str, generation: int) -> bool:
-    """True for exactly one caller once ``generation`` is published: it ends the round."""
+def claim_generation_follow_up(
+    database: Database, campaign_id: str, generation: int, owner: str
+) -> bool:
+    """True for exactly one job once ``generation`` is published (and its re-runs): it ends the
+    round."""
     before = database[CAMPAIGNS].find_one_and_update(
         {"_id": campaign_id, "followed_up_generation": {"$lt": generation}},
         {
-            "$set": {"followed_up_generation": generation, "training.running": False},
+            "$set": {
+                "followed_up_generation": generation,
+                "training.running": False,
+                "follow_up": {"generation": generation, "owner": owner, "claimed_at": now()},
+            },
         },
         projection={"_id": 1},
     )
-    return before is not None
+    if before is not None:
+        return True
+    query = {"_id": campaign_id, "follow_up.generation": generation, "follow_up.owner": owner}
+    return database[CAMPAIGNS].count_documents(query, limit=1) > 0
 
 
 def record_generation(database: Database, campaign_id: str, summary: dict) -> None:
-    """Append one generation's figures (errors, data size, budget spent) to the campaign."""
-    database[CAMPAIGNS].update_one({"_id": campaign_id}, {"$push": {"generations": summary}})
+    """Append one generation's figures (errors, data size, budget spent) to the campaign, once."""
+    database[CAMPAIGNS].update_one(
+        {"_id": campaign_id, "generations.generation": {"$ne": summary["generation"]}},
+        {"$addToSet": {"generations": summary}},
+    )
 
 
 def finish_campaign(database: Database, campaign_id: str, reason: str) -> bool:
@@ -490,16 +560,17 @@ def complete_segment(database: Database, trajectory_id: str, segment: int, summa
     return True
 
 
-def complete_audit(
-    database: Database, trajectory_id: str, segment: int, changes: dict, error_history: int
-) -> bool:
-    """Apply an audit's decision to its trajectory; True only for the first time."""
-    error = changes.pop("error_per_step", None)
-    update: dict = {"$set": {"audits_completed": segment + 1, **changes}}
-    if error is not None:
-        update["$push"] = {"errors_per_step": {"$each": [error], "$slice": -error_history}}
+def complete_audit(database: Database, trajectory_id: str, segment: int, changes: dict) -> bool:
+    """Apply an audit's decision to its trajectory; True only for the first time.
+
+    One update, conditional on the audit count the caller read the trajectory
+    under: only this segment's audit changes it, so ``changes`` (the new error
+    history included) may be computed from that read and simply set.
+    """
     before = database[TRAJECTORIES].find_one_and_update(
-        {"_id": trajectory_id, "audits_completed": segment}, update, projection={"_id": 1}
+        {"_id": trajectory_id, "audits_completed": segment},
+        {"$set": {"audits_completed": segment + 1, **changes}},
+        projection={"_id": 1},
     )
     return before is not None
 
@@ -507,6 +578,33 @@ def complete_audit(
 def annotate_audit(database: Database, result_id: str, decision: dict) -> None:
     """Attach an audit's decision to the reference result of the audited frame."""
     database[REFERENCE_RESULTS].update_one({"_id": result_id}, {"$set": {"audit": decision}})
+
+
+def count_trajectories(database: Database, campaign_id: str, status: str) -> int:
+    return database[TRAJECTORIES].count_documents({"campaign_id": campaign_id, "status": status})
+
+
+def revive_trajectories(database: Database, campaign_id: str) -> list[dict]:
+    """Put retired trajectories back to sampling (each by one conditional update); those revived."""
+    revived = []
+    for trajectory in database[TRAJECTORIES].find(
+        {"campaign_id": campaign_id, "status": "retired"}
+    ):
+        before = database[TRAJECTORIES].find_one_and_update(
+            {"_id": trajectory["_id"], "status": "retired"},
+            {"$set": {"status": "sampling", "failures": 0}},
+        )
+        if before is not None:
+            revived.append(before)
+    return revived
+
+
+def count_selected_uncalculated(database: Database, campaign_id: str) -> int:
+    """Selected frames whose reference calculation has not been stored yet."""
+    selected = database[FRAME_POOL].count_documents(
+        {"campaign_id": campaign_id, "status": SELECTED}
+    )
+    return selected - count_results(database, campaign_id, source="active")
 
 
 def set_trajectory_status(database: Database, trajectory_id: str, status: str) -> None:
@@ -525,21 +623,40 @@ def count_pooled(database: Database, campaign_id: str) -> int:
     return database[FRAME_POOL].count_documents({"campaign_id": campaign_id, "status": POOLED})
 
 
-def request_selection(database: Database, campaign_id: str) -> int | None:
+def request_selection(database: Database, campaign_id: str, owner: str) -> int | None:
     """Claim the right to queue the next inference-and-selection job; its number, or None.
 
-    At most one such job waits at a time: a single conditional update.
+    At most one such job waits at a time: a single conditional update. The claim
+    names its ``owner`` (a job uuid) and time; a re-run of the owner gets the same
+    number back, so a crash before the job was handed over loses nothing.
     """
     before = database[CAMPAIGNS].find_one_and_update(
         {"_id": campaign_id, "status": RUNNING, "selection.pending": False},
-        {"$set": {"selection.pending": True}, "$inc": {"selection.count": 1}},
+        {
+            "$set": {
+                "selection.pending": True,
+                "selection.owner": owner,
+                "selection.claimed_at": now(),
+            },
+            "$inc": {"selection.count": 1},
+        },
         projection={"selection": 1},
     )
-    return None if before is None else before["selection"]["count"]
+    if before is not None:
+        return before["selection"]["count"]
+    query = {"_id": campaign_id, "selection.pending": True, "selection.owner": owner}
+    held = database[CAMPAIGNS].find_one(query, {"selection": 1})
+    return None if held is None else held["selection"]["count"] - 1
 
 
-def release_selection(database: Database, campaign_id: str) -> None:
-    database[CAMPAIGNS].update_one({"_id": campaign_id}, {"$set": {"selection.pending": False}})
+def release_selection(database: Database, campaign_id: str, number: int) -> bool:
+    """End the pending claim of selection ``number`` (no other); True if it was pending."""
+    before = database[CAMPAIGNS].find_one_and_update(
+        {"_id": campaign_id, "selection.pending": True, "selection.count": number + 1},
+        {"$set": {"selection.pending": False}},
+        projection={"_id": 1},
+    )
+    return before is not None
 
 
 def claim_pooled_frames(database: Database, campaign_id: str, selection_id: str) -> list[dict]:
@@ -551,12 +668,20 @@ def claim_pooled_frames(database: Database, campaign_id: str, selection_id: str)
     return list(database[FRAME_POOL].find({"selection_id": selection_id}).sort("_id", 1))
 
 
-def store_selection(database: Database, document: dict) -> bool:
-    """Record a selection and mark its frames selected or discarded; False if done before."""
+def store_selection(database: Database, document: dict, spreads: dict[str, float]) -> bool:
+    """Record a selection and mark its frames selected or discarded; False if done before.
+
+    Each frame's committee ``spread`` goes onto its own frame document, so the
+    selection document holds only the frames picked (at most the budget): it stays
+    small however many frames were scored.
+    """
     try:
         database[SELECTIONS].insert_one(document | {"stored_at": now()})
     except pymongo.errors.DuplicateKeyError:
         return False
+    # one update per frame: the embedded store (mongomock) cannot bulk_write with pymongo 4
+    for frame_id, spread in spreads.items():
+        database[FRAME_POOL].update_one({"_id": frame_id}, {"$set": {"spread": spread}})
     selected = document["selected"]
     database[FRAME_POOL].update_many({"_id": {"$in": selected}}, {"$set": {"status": SELECTED}})
     database[FRAME_POOL].update_many(
@@ -573,3 +698,51 @@ def get_selection(database: Database, selection_id: str) -> dict | None:
 def get_frames(database: Database, frame_ids: list[str]) -> list[dict]:
     frames = {doc["_id"]: doc for doc in database[FRAME_POOL].find({"_id": {"$in": frame_ids}})}
     return [frames[frame_id] for frame_id in frame_ids]
+
+
+def existing_job_names(database: Database, names: list[str]) -> set[str]:
+    """Which of these job (Firework) names the LaunchPad holds already, in any state."""
+    found = database[FIREWORKS].find({"name": {"$in": names}}, {"name": 1})
+    return {firework["name"] for firework in found}
+
+
+def campaign_jobs(database: Database, campaign_id: str, states: tuple[str, ...]) -> list[dict]:
+    """The campaign's Fireworks in these states: name, state, and the uuid of their job."""
+    query = {"name": {"$regex": f"^{re.escape(campaign_id)} "}, "state": {"$in": list(states)}}
+    projection = {"name": 1, "state": 1, "fw_id": 1, "spec._tasks.job.uuid": 1}
+    return [
+        {
+            "name": firework["name"],
+            "state": firework["state"],
+            "fw_id": firework["fw_id"],
+            "uuid": firework["spec"]["_tasks"][0]["job"]["uuid"],
+        }
+        for firework in database[FIREWORKS].find(query, projection)
+    ]
+
+
+def release_dead_selection(database: Database, campaign_id: str, alive: set[str]) -> int | None:
+    """Release a pending selection whose owner and job are gone for good; its number, or None.
+
+    Its frames go back to the pool. ``alive`` holds the uuids and names of the
+    campaign's jobs that may still run.
+    """
+    selection = get_campaign(database, campaign_id)["selection"]
+    number = selection["count"] - 1
+    if not selection["pending"] or selection.get("owner") in alive:
+        return None
+    if f"{campaign_id} select {number}" in alive or get_selection(
+        database, selection_id(campaign_id, number)
+    ):
+        return None
+    if not release_selection(database, campaign_id, number):
+        return None
+    database[FRAME_POOL].update_many(
+        {"selection_id": selection_id(campaign_id, number), "status": CLAIMED},
+        {"$set": {"status": POOLED}, "$unset": {"selection_id": "", "claimed_at": ""}},
+    )
+    return number
+
+
+def selection_id(campaign_id: str, number: int) -> str:
+    return f"{campaign_id}-sel{number:04d}"

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from fff_jobs import database as db
-from fff_jobs.structures import Frame
+from fff_jobs.structures import Frame, StructureError, read_structures
 
 PROVENANCE = ("source", "trajectory_id", "segment", "generation", "selection_id", "frame_id")
 
@@ -44,7 +44,11 @@ def campaign_status(database, launchpad, campaign_id: str) -> dict:
     campaign = db.get_campaign(database, campaign_id)
     audits = [doc for doc in audit_results(database, campaign_id) if "audit" in doc]
     passed = sum(doc["audit"]["action"] == "continue" for doc in audits)
-    trajectories = database[db.TRAJECTORIES].find({"campaign_id": campaign_id}, {"status": 1})
+    trajectories = list(
+        database[db.TRAJECTORIES].find(
+            {"campaign_id": campaign_id}, {"status": 1, "last_audit.reason": 1}
+        )
+    )
     statuses = [trajectory["status"] for trajectory in trajectories]
     return {
         "campaign": campaign_id,
@@ -57,11 +61,33 @@ def campaign_status(database, launchpad, campaign_id: str) -> dict:
         "training_running": campaign["training"]["running"],
         "live_trajectories": statuses.count("sampling"),
         "retired_trajectories": statuses.count("retired"),
+        "problems": problems(database, campaign_id, trajectories),
         "audits": len(audits),
         "audit_pass_rate": passed / len(audits) if audits else None,
         "recent_audit_errors": [doc["audit"]["error_per_atom"] for doc in audits[-5:]],
         "jobs": job_states(launchpad, campaign_id),
     }
+
+
+def problems(database, campaign_id: str, trajectories: list[dict], last: int = 3) -> list[str]:
+    """The newest reasons of failed calculations, retired trajectories and diverged members."""
+    failed = database[db.REFERENCE_RESULTS].find(
+        {"campaign_id": campaign_id, "success": False}, {"_id": 1, "reason": 1}
+    )
+    reasons = [
+        f"calculation {doc['_id']}: {doc['reason']}"
+        for doc in failed.sort("sequence", -1).limit(last)
+    ]
+    reasons += [
+        f"trajectory {trajectory['_id']} retired: {trajectory['last_audit']['reason']}"
+        for trajectory in trajectories
+        if trajectory["status"] == "retired"
+    ][-last:]
+    diverged = database[db.MODELS].find(
+        {"campaign_id": campaign_id, "diverged": {"$nin": [None, False]}}, {"diverged": 1}
+    )
+    reasons += [f"model {doc['_id']}: {doc['diverged']}" for doc in diverged.limit(last)]
+    return reasons
 
 
 def learning_curve(database, campaign_id: str) -> list[dict]:
@@ -97,6 +123,19 @@ def learning_curve(database, campaign_id: str) -> list[dict]:
             f"campaign {campaign_id!r} has no trained generation yet: run its workers first"
         )
     return sorted(rows, key=lambda row: (row["reference_spent"], row["kind"]))
+
+
+def read_holdout(path: Path) -> list[Atoms]:
+    """Labelled frames to score generations on; each must carry an energy and forces."""
+    frames = read_structures(path)
+    for index, atoms in enumerate(frames):
+        results = atoms.calc.results if atoms.calc is not None else {}
+        if "energy" not in results or "forces" not in results:
+            raise StructureError(
+                f"{path}: structure {index} has no reference energy and forces; a hold-out "
+                "set needs both (extxyz: energy=... in the comment line, a forces column)"
+            )
+    return frames
 
 
 def holdout_errors(database, campaign_id: str, frames: list[Atoms]) -> dict[int, dict]:

@@ -333,7 +333,7 @@ class CampaignSpec(Section):
         try:
             content = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:
-            raise SpecError(f"{path}: not valid YAML ({error})") from None
+            raise SpecError(f"{path}: not valid YAML ({describe_yaml_error(error)})") from None
         if not isinstance(content, dict):
             raise SpecError(f"{path}: a campaign spec is a YAML mapping of settings")
         system = content.get("system")
@@ -361,3 +361,10 @@ def describe_validation_error(error: Exception) -> str:
             message = "unknown setting (check its spelling and section)"
         problems.append(f"{location}: {message}")
     return "; ".join(problems)
+
+
+def describe_yaml_error(error: Exception) -> str:
+    """A YAML parser error in one line: where, and what is wrong."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + (getattr(error, "problem", None) or type(error).__name__)

@@ -1,0 +1,59 @@
+"""Test only: wraps database updates of fff_jobs so that a worker dies right after them."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+from pathlib import Path
+
+from fff_jobs import database as db
+
+
+def _after(function, kind: str, condition):
+    @functools.wraps(function)
+    def wrapper(database, *args, **kwargs):
+        result = function(database, *args, **kwargs)
+        if condition(database, args, result):
+            _kill(kind)
+        return result
+
+    return wrapper
+
+
+def _kill(kind: str) -> None:
+    mark = Path(os.environ["FFF_TEST_KILL_MARKS"]) / kind
+    if not mark.exists():
+        mark.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _published(database, args, result) -> bool:
+    """The member just registered completed its generation (the follow-up is not yet added)."""
+    record = args[0]
+    return db.current_generation(database, record["campaign_id"]) == record["generation"]
+
+
+def _source(source: str):
+    return lambda database, args, result: result and args[0]["source"] == source
+
+
+# job kind -> (database function, when to die after it)
+POINTS = {
+    # a generation's last member is registered and published: its follow-up is not added
+    "train": ("register_member", _published),
+    # frames pooled and the segment recorded: its audit is not handed over
+    "segment": ("complete_segment", lambda database, args, result: result),
+    # the audit's reference result stored, its decision not applied
+    "audit": ("store_reference_result", _source("audit")),
+    # the selection stored: its claim is not released, its calculations not handed over
+    "select": ("store_selection", lambda database, args, result: result),
+    # the first frame of a calculation job stored, the others not computed
+    "calculate": ("store_reference_result", _source("active")),
+}
+
+
+def install(kinds: list[str]) -> None:
+    for kind in kinds:
+        name, condition = POINTS[kind]
+        setattr(db, name, _after(getattr(db, name), kind, condition))

@@ -1,0 +1,155 @@
+"""Workers killed in the middle of every kind of job: the campaign recovers and loses nothing.
+
+One campaign on the live test server (jongodb, or FFF_TEST_MONGODB_URI). A worker
+runs every job; it kills itself (SIGKILL, see tests/crash/) right after a job of
+the next kind on the list has stored part of its work. Each kill is recovered as a
+user would, with `lpad detect_lostruns --rerun` or `fff recover`, and a new worker
+carries on, until the campaign is complete.
+
+The server's URI carries a secret (as a query option: jongodb has no
+authentication, so no password can be used), which must appear nowhere: not in
+any Firework, job output, stored document, launch directory, log line or fff output.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import bson.json_util
+import pymongo
+import pytest
+import yaml
+
+from project import REPO, TESTS, run, use_server
+
+pytestmark = pytest.mark.slow
+
+BUDGET = 14
+# job kind -> how the user recovers from the kill
+KILL_POINTS = {
+    "train": ["lpad", "detect_lostruns", "--rerun", "--time", "0"],
+    "segment": ["fff", "recover", "--expire", "0"],
+    "audit": ["lpad", "detect_lostruns", "--rerun", "--time", "0"],
+    "select": ["fff", "recover", "--expire", "0"],
+    "calculate": ["fff", "recover", "--expire", "0"],
+}
+MAX_WORKERS = 2 * len(KILL_POINTS) + 2
+SECRET = "fff-Secret-Marker-7d1"
+COLLECTIONS = (
+    "fireworks", "launches", "workflows", "fw_id_assigner", "outputs", "outputs_data.files",
+    "outputs_data.chunks", "campaigns", "reference_results", "starting_structures",
+    "trajectories", "segments", "frame_pool", "selections", "budget_claims", "models",
+    "model_registry", "model_weights.files",
+)  # fmt: skip
+
+
+def tiny_spec(directory: Path) -> Path:
+    spec = yaml.safe_load((TESTS / "specs/tiny_water.yaml").read_text())
+    spec.update(num_to_run=BUDGET, retrain_freq=6)
+    path = directory / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def result_ids(database) -> set[str]:
+    return {doc["_id"] for doc in database.reference_results.find({}, {"_id": 1})}
+
+
+@pytest.fixture(scope="module")
+def crashed_campaign(tmp_path_factory, mongo_uri: str):
+    """The tiny campaign run to completion through one kill (and recovery) per kill point."""
+    project = tmp_path_factory.mktemp("recovery")
+    shutil.copytree(REPO / "fw_config", project / "fw_config")
+    shutil.copy(REPO / "my_launchpad.yaml", project)
+    name = f"fff_{uuid.uuid4().hex[:8]}"
+    use_server(project, f"{mongo_uri}/{name}?appname={SECRET}")
+    database = pymongo.MongoClient(mongo_uri)[name]
+    submitted = run(project, "fff", "submit", str(tiny_spec(project)))
+    assert submitted.returncode == 0, submitted.stderr
+    campaign_id = submitted.stdout.split()[-1]
+    marks = project / "kills"
+    marks.mkdir()
+    environment = {
+        "PYTHONPATH": f"{TESTS / 'crash'}:{TESTS}",
+        "FFF_TEST_KILL_AT": ",".join(KILL_POINTS),
+        "FFF_TEST_KILL_MARKS": str(marks),
+    }
+    stored_before_kills, recoveries, printed = set(), {}, [submitted.stdout + submitted.stderr]
+    for _ in range(MAX_WORKERS):
+        worker = run(project, "rlaunch", "rapidfire", "--sleep", "1", timeout=900, **environment)
+        printed.append(worker.stdout + worker.stderr)
+        if worker.returncode == 0:
+            break
+        assert worker.returncode == -9, worker.stderr[-3000:]
+        (kind,) = {mark.name for mark in marks.iterdir()} - set(recoveries)
+        stored_before_kills |= result_ids(database)
+        recovered = run(project, *KILL_POINTS[kind])
+        assert recovered.returncode == 0, recovered.stderr
+        recoveries[kind] = recovered.stdout + recovered.stderr
+    status = run(project, "fff", "status", campaign_id)
+    printed += [*recoveries.values(), status.stdout + status.stderr]
+    launch_files = [path for path in project.glob("launcher_*/*") if path.is_file()]
+    printed += [path.read_text(errors="replace") for path in launch_files]
+    return database, campaign_id, stored_before_kills, recoveries, "\n".join(printed)
+
+
+@pytest.mark.parametrize("kind", KILL_POINTS)
+def test_the_killed_job_was_rerun_and_completed(crashed_campaign, kind: str):
+    database, _, _, recoveries, _ = crashed_campaign
+    assert kind in recoveries
+    if KILL_POINTS[kind][0] == "fff":
+        assert "re-ran 1 lost job(s)" in recoveries[kind]
+    fireworks = list(database.fireworks.find({}, {"name": 1, "state": 1, "archived_launches": 1}))
+    (killed,) = [f for f in fireworks if f["archived_launches"] and f["name"].split()[1] == kind]
+    assert killed["state"] == "COMPLETED"
+
+
+def test_every_job_completed(crashed_campaign):
+    database, _, _, recoveries, _ = crashed_campaign
+    assert set(recoveries) == set(KILL_POINTS)
+    assert {firework["state"] for firework in database.fireworks.find({})} == {"COMPLETED"}
+
+
+def test_the_campaign_completes_with_its_budget_spent_exactly(crashed_campaign):
+    database, campaign_id, _, _, _ = crashed_campaign
+    campaign = database.campaigns.find_one({"_id": campaign_id})
+    assert (campaign["status"], campaign["stop_reason"]) == ("complete", "reference budget spent")
+    budgeted = list(database.reference_results.find({"source": {"$ne": "initial"}}))
+    assert len(budgeted) == BUDGET == campaign["budget"]["spent"]
+    claims = list(database.budget_claims.find({"campaign_id": campaign_id}))
+    assert sorted(claim["slot"] for claim in claims) == list(range(BUDGET))
+    assert {claim["result_id"] for claim in claims} == {result["_id"] for result in budgeted}
+
+
+def test_nothing_is_computed_twice_and_nothing_stored_is_lost(crashed_campaign):
+    database, _, stored_before_kills, _, _ = crashed_campaign
+    results = list(database.reference_results.find({}))
+    assert stored_before_kills <= {result["_id"] for result in results}
+    frames = [result["frame_id"] for result in results if result["source"] == "active"]
+    assert len(frames) == len(set(frames))
+    audited = [(r["trajectory_id"], r["segment"]) for r in results if r["source"] == "audit"]
+    assert len(audited) == len(set(audited))
+
+
+def test_every_generation_is_trained_once_and_the_newest_is_complete(crashed_campaign):
+    database, campaign_id, _, _, _ = crashed_campaign
+    campaign = database.campaigns.find_one({"_id": campaign_id})
+    members = [(model["generation"], model["member"]) for model in database.models.find({})]
+    generations = sorted({generation for generation, _ in members})
+    assert generations == list(range(len(generations))) and len(generations) >= 2
+    assert sorted(members) == [(g, m) for g in generations for m in (0, 1)]
+    assert [g["generation"] for g in campaign["generations"]] == generations
+    registry = database.model_registry.find_one({"_id": campaign_id})
+    assert registry["current_generation"] == generations[-1]
+    assert len(registry["members"]) == 2
+
+
+def test_no_credentials_in_the_database_launches_or_output(crashed_campaign):
+    database, _, _, _, printed = crashed_campaign
+    stored = [bson.json_util.dumps(list(database[name].find({}))) for name in COLLECTIONS]
+    assert database.fireworks.count_documents({}) > 20 and database.outputs.count_documents({})
+    assert all(SECRET not in text for text in stored)
+    assert "Rocket finished" in printed and "reference calculations" in printed
+    assert SECRET not in printed
