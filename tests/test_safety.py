@@ -53,6 +53,18 @@ def test_tampered_weights_are_refused_and_never_unpickled(mongo_database, tmp_pa
     assert not marker.exists()
 
 
+def test_weights_larger_than_a_document_go_through_the_normal_path(
+    mongo_database, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(db.CACHE_ENVIRONMENT_VARIABLE, str(tmp_path / "cache"))
+    weights = {"w": torch.arange(5_000_000, dtype=torch.float32)}  # 20 MB, over BSON's 16 MB
+    record = {"campaign_id": CAMPAIGN, "generation": 0, "member": 0, "committee_size": 1}
+    document, created = db.register_member(mongo_database, record, weights)
+    assert created and document["weights_bytes"] > 16 * 1024**2
+    assert len(bson.encode(mongo_database[db.MODELS].find_one({"_id": document["_id"]}))) < 4096
+    assert torch.equal(db.load_weights(mongo_database, document)["w"], weights["w"])
+
+
 def test_concurrent_claims_spend_the_budget_exactly(mongo_database):
     campaign_id = new_campaign(mongo_database, num_to_run=10)
 
