@@ -8,8 +8,11 @@ the last (imports and submission are timed apart):
 - ``fireworks``: N Fireworks with an empty ``PyTask`` in one workflow (the baseline);
 - ``fff``: a jobflow Flow of N empty ``@job`` s routed with :func:`fff_jobs.routing.route`
   and added with :func:`fff_jobs.workers.submit`;
-- ``fff-growing``: one job that adds the next through ``Response(addition=...)``, N in
-  all, as a campaign grows.
+- ``fff-growing``: one job that adds the next, N in all, as a campaign grows: through
+  :func:`fff_jobs.workers.grow`, which starts a new workflow every ``max_workflow_jobs``
+  (the campaign's default);
+- ``one-workflow``: the same chain grown through plain ``Response(addition=...)``, so
+  that one workflow holds all N jobs (what ``grow`` avoids).
 
 All three run through :func:`fff_jobs.workers.run_until_done` (the rocket loop of
 `fff run`). The per-job cost is compared with the median real task time of a campaign
@@ -30,7 +33,7 @@ from pathlib import Path
 import common
 from jobflow import Flow, Response, job
 
-ARMS = ("fireworks", "fff", "fff-growing")
+ARMS = ("fireworks", "fff", "fff-growing", "one-workflow")
 
 
 @job
@@ -39,13 +42,19 @@ def empty() -> None:
 
 
 @job
-def link(index: int, length: int) -> Response:
-    """Add the next job of a chain of ``length`` through ``Response(addition=...)``."""
+def link(index: int, length: int, split: bool) -> Response:
+    """Add the next job of a chain of ``length``, in new workflows as they fill if ``split``."""
     from fff_jobs.routing import route
+    from fff_jobs.spec import WorkerSettings
+    from fff_jobs.workers import grow
 
     if index + 1 >= length:
         return Response(output=index)
-    return Response(output=index, addition=Flow([route(link(index + 1, length), None)]))
+    following = route(link(index + 1, length, split), None)
+    if not split:
+        return Response(output=index, addition=Flow([following]))
+    limit = WorkerSettings().max_workflow_jobs
+    return grow(index, [following], max_workflow_jobs=limit, workflow_name="fff growing chain")
 
 
 def _submit(arm: str, size: int) -> None:
@@ -62,7 +71,8 @@ def _submit(arm: str, size: int) -> None:
     elif arm == "fff":
         submit(Flow([route(empty(), None) for _ in range(size)], name="fff empty jobs"))
     else:
-        submit(Flow([route(link(0, size), None)], name="fff growing chain"))
+        first = route(link(0, size, split=arm == "fff-growing"), None)
+        submit(Flow([first], name="fff growing chain"))
 
 
 def measure_arm(arm: str, size: int) -> dict:

@@ -190,20 +190,35 @@ def next_selection(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
     return [] if number is None else [selection_job(campaign_id, spec, number)]
 
 
-def _grow(database, output: dict, additions: list[Job], detour: Job | None = None) -> Response:
+def _grow(
+    database,
+    campaign_id: str,
+    spec: CampaignSpec,
+    output: dict,
+    additions: list[Job],
+    detour: Job | None = None,
+) -> Response:
     """The job's output and the jobs it adds, less those the LaunchPad holds already.
 
     A job re-run after a crash proposes again what it would have added; only what
     the dead run never handed over is new.
     """
+    from fff_jobs.workers import grow
+
     proposed = [*additions, *([detour] if detour else [])]
     existing = db.existing_job_names(database, [work.name for work in proposed])
-    additions = [work for work in additions if work.name not in existing]
-    return Response(
-        output=output,
-        addition=Flow(additions) if additions else None,
-        detour=detour if detour and detour.name not in existing else None,
+    return grow(
+        output,
+        [work for work in additions if work.name not in existing],
+        detour if detour and detour.name not in existing else None,
+        max_workflow_jobs=spec.workers.max_workflow_jobs,
+        workflow_name=workflow_name(campaign_id),
     )
+
+
+def workflow_name(campaign_id: str) -> str:
+    """The name of every FireWorks workflow of a campaign."""
+    return f"fff campaign {campaign_id}"
 
 
 # --- submitting ---
@@ -213,7 +228,7 @@ def start_flow(campaign_id: str, spec: CampaignSpec) -> Flow:
     """The workflow as submitted: one ingest job; everything else grows from it."""
     work = _named(ingest(campaign_id), f"{campaign_id} ingest")
     route(work, spec.workers.cpu_category, spec.workers.ingest_priority)
-    return Flow([work], name=f"fff campaign {campaign_id}")
+    return Flow([work], name=workflow_name(campaign_id))
 
 
 def submit_campaign(spec: CampaignSpec) -> str:
@@ -299,7 +314,13 @@ def ingest(campaign_id: str) -> Response:
         database, campaign_id, db.newest_sequence(database, campaign_id), 1, this_job()
     )
     additions = [] if generation is None else train_jobs(campaign_id, spec, generation)
-    return _grow(database, {"initial_frames": len(frames), "succeeded": succeeded}, additions)
+    return _grow(
+        database,
+        campaign_id,
+        spec,
+        {"initial_frames": len(frames), "succeeded": succeeded},
+        additions,
+    )
 
 
 def _training_frames(database, campaign_id: str, generation: int) -> list:
@@ -445,7 +466,7 @@ def train_member(campaign_id: str, generation: int, member: int) -> Response:
     ):
         additions = _follow_up_generation(database, campaign_id, spec, generation)
     output = {"model_id": document["_id"], "metrics": document["metrics"]}
-    return _grow(database, output, additions)
+    return _grow(database, campaign_id, spec, output, additions)
 
 
 def _sampling_calculator(database, campaign_id: str, spec: CampaignSpec):
@@ -481,7 +502,14 @@ def md_segment(campaign_id: str, trajectory_id: str, segment: int) -> Response:
             return Response(output={"stopped": campaign["stop_reason"] or "reference budget spent"})
         output = _run_segment(database, campaign_id, spec, trajectory_id, segment)
     audit = audit_job(campaign_id, spec, trajectory_id, segment)
-    return _grow(database, output, next_selection(database, campaign_id, spec), detour=audit)
+    return _grow(
+        database,
+        campaign_id,
+        spec,
+        output,
+        next_selection(database, campaign_id, spec),
+        detour=audit,
+    )
 
 
 def _run_segment(
@@ -579,7 +607,7 @@ def audit_segment(campaign_id: str, trajectory_id: str, segment: int) -> Respons
         additions.append(segment_job(campaign_id, spec, trajectory_id, segment + 1))
     maybe_finish(database, campaign_id)
     additions += keep_going(database, campaign_id, spec)
-    return _grow(database, output, additions)
+    return _grow(database, campaign_id, spec, output, additions)
 
 
 def _audit(database, campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int):
@@ -636,7 +664,7 @@ def infer_and_select(campaign_id: str, number: int) -> Response:
     additions = calculation_jobs(campaign_id, spec, number, selected)
     additions += next_selection(database, campaign_id, spec)
     additions += keep_going(database, campaign_id, spec)
-    return _grow(database, output, additions)
+    return _grow(database, campaign_id, spec, output, additions)
 
 
 def _infer_and_select(database, campaign_id: str, spec: CampaignSpec, selection_id: str) -> dict:
@@ -719,7 +747,7 @@ def calculate(campaign_id: str, frame_ids: list[str]) -> Response:
     additions = next_training(database, campaign_id, spec)
     maybe_finish(database, campaign_id)
     additions += keep_going(database, campaign_id, spec)
-    return _grow(database, {"computed": computed}, additions)
+    return _grow(database, campaign_id, spec, {"computed": computed}, additions)
 
 
 # --- recovering from dead workers ---

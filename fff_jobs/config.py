@@ -153,6 +153,9 @@ def load_launchpad():
     settings = read_yaml(project.launchpad_file)
     kwargs = dict(settings.get("mongoclient_kwargs") or {})
     kwargs.setdefault("serverSelectionTimeoutMS", CONNECT_TIMEOUT_MS)
+    store = _live_embedded_store()
+    if store is not None:
+        kwargs["_store"] = store
     settings["mongoclient_kwargs"] = kwargs
     launchpad = LaunchPad.from_dict(settings)
     try:
@@ -183,26 +186,29 @@ def load_job_store():
 
 @functools.cache
 def project_database():
-    """The database that holds the project's own collections: the LaunchPad's database.
+    """The database that holds the project's own collections: the LaunchPad's database."""
+    return load_launchpad().db
 
-    In embedded mode a rocket's FireWorks LaunchPad already holds the in-memory
-    store; a second client would load its own copy of the file and the two would
-    overwrite each other at exit, so the existing store is shared instead.
+
+def _live_embedded_store():
+    """The embedded store this process holds already (a rocket's LaunchPad loaded it), or None.
+
+    A second client would load its own copy of the file and the two would
+    overwrite each other at exit, so a LaunchPad made here shares the live one.
     """
     from fireworks import fw_config
 
-    if fw_config.MONGOMOCK_SERVERSTORE_FILE:
-        import mongomock
-        from mongomock.store import ServerStore
+    if not fw_config.MONGOMOCK_SERVERSTORE_FILE:
+        return None
+    from mongomock.store import ServerStore
 
-        path = os.environ[EMBEDDED_KEY]
-        for candidate in gc.get_objects():
-            # type(), not isinstance(): isinstance would touch every object's __class__,
-            # which warns for some of torch's deprecated module attributes
-            if type(candidate) is ServerStore and candidate._filename == path:
-                name = read_yaml(find_project().launchpad_file).get("name") or "fireworks"
-                return mongomock.MongoClient(_store=candidate)[name]
-    return load_launchpad().db
+    path = os.environ[EMBEDDED_KEY]
+    for candidate in gc.get_objects():
+        # type(), not isinstance(): isinstance would touch every object's __class__,
+        # which warns for some of torch's deprecated module attributes
+        if type(candidate) is ServerStore and candidate._filename == path:
+            return candidate
+    return None
 
 
 class ProjectMontyStore(MontyStore):

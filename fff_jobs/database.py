@@ -236,8 +236,9 @@ SEGMENTS = "segments"
 FRAME_POOL = "frame_pool"
 SELECTIONS = "selections"
 BUDGET_CLAIMS = "budget_claims"
-# FireWorks' own collection, read here only to find a campaign's jobs by name
+# FireWorks' own collections, read here only to find a campaign's jobs and workflows
 FIREWORKS = "fireworks"
+WORKFLOWS = "workflows"
 ALIVE_STATES = ("WAITING", "READY", "RESERVED", "RUNNING")
 
 RUNNING, COMPLETE = "running", "complete"
@@ -704,6 +705,16 @@ def existing_job_names(database: Database, names: list[str]) -> set[str]:
     """Which of these job (Firework) names the LaunchPad holds already, in any state."""
     found = database[FIREWORKS].find({"name": {"$in": names}}, {"name": 1})
     return {firework["name"] for firework in found}
+
+
+def workflow_size(database: Database, job_name: str, job_uuid: str) -> int:
+    """How many jobs the FireWorks workflow holding this jobflow job has (0: none)."""
+    query = {"name": job_name, "spec._tasks.0.job.uuid": job_uuid}  # the name is indexed
+    firework = database[FIREWORKS].find_one(query, {"fw_id": 1})
+    if firework is None:
+        return 0
+    workflow = database[WORKFLOWS].find_one({"nodes": firework["fw_id"]}, {"nodes": 1})
+    return 0 if workflow is None else len(workflow["nodes"])
 
 
 def campaign_jobs(database: Database, campaign_id: str, states: tuple[str, ...]) -> list[dict]:

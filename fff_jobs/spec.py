@@ -298,6 +298,10 @@ class WorkerSettings(Section):
     sampling_priority: int = 10
     audit_priority: int = 20  # audits go before active-learning calculations
     calculation_priority: int = 10
+    # FireWorks rewrites a workflow's whole document for every job that completes or adds
+    # jobs, so its cost per job grows with the workflow: past this many jobs, what a job adds
+    # goes into a new workflow of the same name (`lpad get_wflows -n "fff campaign ID"`)
+    max_workflow_jobs: int = Field(200, ge=10)
 
 
 class CampaignSpec(Section):

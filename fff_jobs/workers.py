@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from jobflow import Flow
+from jobflow import Flow, Job, Response
 
-from fff_jobs.config import ConfigError, find_project, load_launchpad, read_yaml
+from fff_jobs.config import ConfigError, find_project, load_launchpad, project_database, read_yaml
 from fff_jobs.routing import CPU, GPU
 
 KNOWN_CATEGORIES = (GPU, CPU)
@@ -26,6 +26,36 @@ def submit(flow: Flow) -> dict[str, int]:
 
     workflow = flow_to_workflow(flow)
     return load_launchpad().add_wf(workflow)
+
+
+def grow(
+    output,
+    additions: list[Job],
+    detour: Job | None = None,
+    *,
+    max_workflow_jobs: int,
+    workflow_name: str,
+) -> Response:
+    """A running job's Response that adds ``additions`` (and ``detour``) to the workflow.
+
+    FireWorks rewrites a workflow's whole document for every job that completes or
+    adds jobs, so one ever-growing workflow makes every job slower. Once the running
+    job's workflow would pass ``max_workflow_jobs``, the new jobs go into a new
+    workflow named ``workflow_name`` instead (the detour as an ordinary job: for a
+    job without children, as every fff job is, that is the same thing).
+    """
+    from jobflow import CURRENT_JOB
+
+    from fff_jobs import database as db
+
+    new = [*additions, *([detour] if detour else [])]
+    running = CURRENT_JOB.job
+    if new and running is not None:
+        held = db.workflow_size(project_database(), running.name, running.uuid)
+        if held and held + len(new) > max_workflow_jobs:
+            submit(Flow(new, name=workflow_name))
+            return Response(output=output)
+    return Response(output=output, addition=Flow(additions) if additions else None, detour=detour)
 
 
 def load_fworker(path: Path):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 
-from jobflow import Flow, job
+from jobflow import Flow, Response, job
 
 from fff_jobs.config import project_database
 from fff_jobs.routing import CPU, GPU, route
+from fff_jobs.workers import grow
 
 
 @job
@@ -27,3 +28,21 @@ def mixed_flow(pairs: int) -> Flow:
         cpu_job = route(record_execution(1000 + index, gpu_job.output), CPU)
         jobs += [gpu_job, cpu_job, route(record_execution(2000 + index), CPU)]
     return Flow(jobs, name="mixed categories")
+
+
+CHAIN_WORKFLOW_JOBS = 10
+
+
+@job
+def chain_link(index: int, length: int) -> Response:
+    """Record this link and add the next through `grow`, at most 10 jobs per workflow."""
+    project_database().executions.insert_one({"index": index, "pid": os.getpid()})
+    if index + 1 == length:
+        return Response(output=index)
+    following = route(chain_link(index + 1, length), CPU if index % 2 else GPU)
+    return grow(index, [following], max_workflow_jobs=CHAIN_WORKFLOW_JOBS, workflow_name="chain")
+
+
+def chain_flow(length: int) -> Flow:
+    """A chain of `length` jobs that exists only as its first link until it runs."""
+    return Flow([route(chain_link(0, length), GPU)], name="chain")

@@ -108,6 +108,18 @@ def test_every_job_completed_on_a_worker_of_its_category(finished_campaign):
     assert seen == set(kinds)
 
 
+def test_the_campaign_spreads_over_small_workflows_of_its_name(finished_campaign):
+    project, campaign_id = finished_campaign
+    stored = stored_database(project)
+    workflows = stored["workflows"]
+    assert len(workflows) >= 3
+    assert {workflow["name"] for workflow in workflows} == {f"fff campaign {campaign_id}"}
+    assert {workflow["state"] for workflow in workflows} == {"COMPLETED"}
+    assert max(len(workflow["nodes"]) for workflow in workflows) <= 10
+    nodes = [fw_id for workflow in workflows for fw_id in workflow["nodes"]]
+    assert sorted(nodes) == sorted(fw["fw_id"] for fw in stored["fireworks"])
+
+
 def test_every_training_record_has_provenance(finished_campaign):
     project, campaign_id = finished_campaign
     for result in stored_database(project)["reference_results"]:

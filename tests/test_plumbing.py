@@ -96,6 +96,29 @@ def test_gpu_job_with_cpu_detour_and_gpu_addition_runs_on_the_right_workers(proj
     assert PASSWORD not in gpu.stdout + gpu.stderr + cpu.stdout + cpu.stderr
 
 
+def test_a_growing_chain_fills_workflows_of_at_most_the_limit_and_runs_once(project: Path):
+    (project / "submit.py").write_text(submit_script("plumbing_jobs:chain_flow"))
+    submitted = run(project, "python", "submit.py", "25")
+    assert submitted.returncode == 0, submitted.stderr
+    worker = run(project, "rlaunch", "rapidfire")
+    assert worker.returncode == 0, worker.stderr
+    fireworks = lpad_full(project)
+    assert len(fireworks) == 25 and {fw["state"] for fw in fireworks} == {"COMPLETED"}
+    listed = run(project, "lpad", "get_wflows", "-n", "chain", "-d", "more")
+    workflows = json.loads(listed.stdout)
+    assert len(workflows) == 3 and {workflow["state"] for workflow in workflows} == {"COMPLETED"}
+    sizes = sorted(len(workflow["states"]) for workflow in workflows)
+    assert sizes == [5, 10, 10]
+    executed = run(project, "python", "-c", EXECUTED_INDICES)
+    assert executed.stdout.split() == [str(index) for index in range(25)]
+
+
+EXECUTED_INDICES = (
+    "from fff_jobs.config import activate, project_database; activate(); "
+    "print(*sorted(doc['index'] for doc in project_database().executions.find({})))"
+)
+
+
 def test_concurrent_gpu_and_cpu_workers_run_every_firework_once(workdir: Path, mongo_uri: str):
     database = f"fff_{uuid.uuid4().hex[:8]}"
     use_server(workdir, f"{mongo_uri}/{database}")

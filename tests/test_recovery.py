@@ -110,6 +110,9 @@ def test_every_job_completed(crashed_campaign):
     database, _, _, recoveries, _ = crashed_campaign
     assert set(recoveries) == set(KILL_POINTS)
     assert {firework["state"] for firework in database.fireworks.find({})} == {"COMPLETED"}
+    workflows = list(database.workflows.find({}, {"nodes": 1, "state": 1}))
+    assert len(workflows) >= 3 and {workflow["state"] for workflow in workflows} == {"COMPLETED"}
+    assert max(len(workflow["nodes"]) for workflow in workflows) <= 10
 
 
 def test_the_campaign_completes_with_its_budget_spent_exactly(crashed_campaign):
