@@ -33,7 +33,10 @@ from fff_jobs.training import (
     to_atomic_data,
 )
 
-DEFAULT_BATCH_SIZE = 64
+# Structures per batch when none is given. On a CPU a few at a time run fastest (the
+# symmetric contraction's einsum stays in cache: 8 water clusters per batch ran about twice
+# as fast as 64, benchmarks/committee.py); a GPU wants large batches.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 8, 64
 
 
 @dataclass
@@ -113,18 +116,21 @@ def predict_committee(
     frames: Sequence[Atoms],
     compute_forces: bool = False,
     descriptors: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     device: str = "auto",
 ) -> CommitteePrediction:
     """Every member's energy (and forces) for every structure, in batches through mace's loaders.
 
-    The members are moved to ``device`` (``auto``: cuda when present). Raises
+    The members are moved to ``device`` (``auto``: cuda when present); ``batch_size``
+    structures go through them at a time (default: 8 on a CPU, 64 on a GPU). Raises
     :class:`fff_jobs.training.UnknownElementError` naming the first structure with an
     element the committee was not built for.
     """
     elements, r_max = _committee_geometry(models)
     check_elements(frames, elements, "the committee")
     target = torch.device(resolve_device(device))
+    if batch_size is None:
+        batch_size = GPU_BATCH_SIZE if target.type == "cuda" else CPU_BATCH_SIZE
     dtype = str(next(models[0].parameters()).dtype).removeprefix("torch.")
     with default_dtype(dtype), preserve_grad_state(torch.nn.ModuleList(models)):
         members = [model.to(target) for model in models]

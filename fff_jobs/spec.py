@@ -75,6 +75,13 @@ class TrainingSettings(Section):
     learning_rate_factor: float = Field(0.8, gt=0, lt=1)
     max_grad_norm: float | None = 10.0
     warm_start: bool = Field(True, description="start member i from member i of the last one")
+    warm_start_learning_rate_factor: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="a warm-started member's learning rate as a share of learning_rate: the "
+        "full rate throws it out of its parent's minimum",
+    )
     seed: int = Field(0, description="committee seed; each member derives its own from it")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present")
 
@@ -318,7 +325,8 @@ class CampaignSpec(Section):
     trajectories: int = Field(4, gt=0)  # trajectories kept running
     max_trajectory_failures: int = Field(5, gt=0)  # failed audits in a row retire a trajectory
     inference_chunk: int = Field(50, gt=0)  # pooled frames that start an inference-and-selection
-    inference_batch_size: int = Field(64, gt=0)  # frames per batch through the committee
+    # frames per batch through the committee; default: 8 on a CPU, 64 on a GPU
+    inference_batch_size: int | None = Field(None, gt=0)
     calculations_per_job: int = Field(1, gt=0)  # selected frames per reference-calculation job
     retrain_freq: int = Field(16, gt=0)  # new reference results that start a new generation
     num_to_run: int = Field(100, gt=0)  # reference budget: audits plus selected frames

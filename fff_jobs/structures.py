@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ import ase.db
 import ase.io
 import numpy as np
 from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 from ase.neighborlist import neighbor_list
 from pydantic import BaseModel
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 OH_BOND = 0.96  # A
 HOH_ANGLE = 104.5  # degrees
 ASE_DB_SUFFIXES = (".db", ".json")
+# A trajectory document holds three frames with velocities (about 300 bytes per atom in
+# BSON): 10^4 atoms keep it near 3 MB, far below MongoDB's 16 MB document limit.
+MAX_ATOMS = 10_000
 
 
 class StructureError(ValueError):
@@ -63,10 +68,47 @@ class Frame(BaseModel):
         return atoms
 
 
+def frame_labels(atoms: Atoms) -> tuple[float, np.ndarray]:
+    """Reference energy (eV) and forces (eV/A) of a labelled frame; KeyError if it has none."""
+    if atoms.calc is not None:
+        return float(atoms.get_potential_energy()), np.asarray(atoms.get_forces(), dtype=float)
+    return float(atoms.info["energy"]), np.asarray(atoms.arrays["forces"], dtype=float)
+
+
+class LabelledFrame(Frame):
+    """A frame with its reference energy (eV) and forces (eV/A), if it has them."""
+
+    energy: float | None = None
+    forces: list[list[float]] | None = None
+
+    @classmethod
+    def from_atoms(cls, atoms: Atoms, velocities: bool = False) -> LabelledFrame:
+        """Document of an Atoms object and its labels (none if it is unlabelled)."""
+        frame = super().from_atoms(atoms, velocities)
+        with contextlib.suppress(KeyError, RuntimeError):
+            energy, forces = frame_labels(atoms)
+            frame.energy, frame.forces = energy, forces.tolist()
+        return frame
+
+    def to_atoms(self) -> Atoms:
+        """The Atoms object, its labels in a SinglePointCalculator."""
+        atoms = super().to_atoms()
+        if self.energy is not None:
+            atoms.calc = SinglePointCalculator(
+                atoms, energy=self.energy, forces=np.array(self.forces)
+            )
+        return atoms
+
+
 def check_structure(atoms: Atoms, settings: StructureSettings, where: str) -> None:
     """Raise StructureError, naming `where`: no atoms, unknown elements, empty cell, overlaps."""
     if len(atoms) == 0:
         raise StructureError(f"{where}: has no atoms")
+    if len(atoms) > MAX_ATOMS:
+        raise StructureError(
+            f"{where}: has {len(atoms)} atoms, more than the {MAX_ATOMS} fff supports (frames "
+            "travel in MongoDB documents of at most 16 MB); cut a smaller cluster from it"
+        )
     _check_elements(atoms, settings.elements, where)
     if not np.isfinite(atoms.positions).all():
         raise StructureError(f"{where}: has non-finite positions")

@@ -11,6 +11,7 @@ from pathlib import Path
 import ase.io
 import bson.json_util
 import pytest
+import yaml
 
 from project import REPO, run
 
@@ -220,3 +221,20 @@ def test_rerunning_a_finished_selection_and_audit_duplicates_nothing(finished_ca
             d["_id"] for d in before[collection]
         ), collection
     assert campaign_document(project, campaign_id)["budget"]["spent"] == 20
+
+
+def test_fff_run_is_the_quick_start_on_the_embedded_store(tmp_path: Path):
+    shutil.copytree(REPO / "fw_config", tmp_path / "fw_config")
+    shutil.copy(REPO / "my_launchpad.yaml", tmp_path)
+    spec = yaml.safe_load(SPEC.read_text()) | {"num_to_run": 8, "retrain_freq": 4}
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(spec))
+    result = run(tmp_path, "fff", "run", "quick.yaml", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "embedded store: this process holds the whole database" in result.stderr
+    campaign_id = re.search(r"campaign (tiny_water-[0-9a-f]{6}) \(job output", result.stdout)[1]
+    assert "complete (reference budget spent)" in result.stdout
+    assert "8 / 8" in result.stdout
+    campaign = campaign_document(tmp_path, campaign_id)
+    assert (campaign["status"], campaign["budget"]["spent"]) == ("complete", 8)
+    assert {fw["state"] for fw in stored_database(tmp_path)["fireworks"]} == {"COMPLETED"}
+    assert "Rocket finished" in (tmp_path / f".fff/launches/{campaign_id}.log").read_text()

@@ -157,5 +157,8 @@ def test_check_structure_rejects_unknown_elements_and_empty_structures():
         )
     with pytest.raises(StructureError, match="here: has no atoms"):
         check_structure(Atoms(), StructureSettings(), "here")
+    grid = np.stack(np.meshgrid(*[np.arange(22)] * 3), axis=-1).reshape(-1, 3) * 1.5
+    with pytest.raises(StructureError, match="here: has 10648 atoms, more than the 10000"):
+        check_structure(Atoms(f"H{len(grid)}", positions=grid), StructureSettings(), "here")
     slab = Atoms("H2", positions=[[0, 0, 0], [1, 0, 0]], cell=[3, 3, 0], pbc=[True, True, False])
     check_structure(slab, StructureSettings(), "slab")  # periodic in x and y only: fine

@@ -12,12 +12,11 @@ from ase.calculators.morse import MorsePotential
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from fff_jobs.spec import ModelSettings, TrainingSettings
+from fff_jobs.structures import LabelledFrame
 from fff_jobs.training import (
     TrainingDataError,
     build_model,
     check_training_frames,
-    frame_from_record,
-    frame_to_record,
     member_seed,
     model_hyperparameters,
     split_frames,
@@ -184,8 +183,9 @@ def test_unlabelled_frame_is_a_clear_error():
         check_training_frames(frames)
 
 
-def test_records_keep_frames_and_labels(frames):
-    copies = [frame_from_record(frame_to_record(atoms)) for atoms in frames]
+def test_labelled_frame_documents_keep_frames_and_labels(frames):
+    documents = [LabelledFrame.from_atoms(atoms).model_dump() for atoms in frames]
+    copies = [LabelledFrame.model_validate(document).to_atoms() for document in documents]
     assert training_set_hash(copies) == training_set_hash(frames)
     copies[0].calc.results["energy"] += 1e-6
     assert training_set_hash(copies) != training_set_hash(frames)

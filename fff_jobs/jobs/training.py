@@ -2,7 +2,7 @@
 
 Thin wrappers over :mod:`fff_jobs.training`, :mod:`fff_jobs.committee` and the
 registry in :mod:`fff_jobs.database`. Both jobs run on GPU workers. Frames travel
-as JSON records (:func:`fff_jobs.training.frame_to_record`); large outputs go to
+as :class:`fff_jobs.structures.LabelledFrame` documents; large outputs go to
 the job store's ``data`` store. mace is imported inside the jobs: it costs seconds,
 and the CLI and campaign steering import this module.
 """
@@ -20,6 +20,7 @@ from fff_jobs import config
 from fff_jobs import database as registry
 from fff_jobs.routing import GPU, route
 from fff_jobs.spec import ModelSettings, TrainingSettings
+from fff_jobs.structures import LabelledFrame
 
 INFERENCE_DATA = ["energies", "forces", "descriptors"]
 
@@ -59,9 +60,7 @@ class TrainMemberMaker(Maker):
 
     def make(self, campaign_id: str, generation: int, member: int, frames: Sequence[Atoms]) -> Job:
         """A GPU job; ``frames`` are labelled Atoms (reference energy and forces)."""
-        from fff_jobs.training import frame_to_record
-
-        records = [frame_to_record(atoms) for atoms in frames]
+        records = [LabelledFrame.from_atoms(atoms).model_dump() for atoms in frames]
         train_job = self.train(campaign_id, generation, member, records)
         train_job.name = f"{self.name} {registry.model_id(campaign_id, generation, member)}"
         return route(train_job, GPU)
@@ -69,13 +68,13 @@ class TrainMemberMaker(Maker):
     @job
     def train(self, campaign_id: str, generation: int, member: int, records: list[dict]) -> dict:
         """Train and register the member; a member registered before is returned unchanged."""
-        from fff_jobs.training import frame_from_record, member_seed
+        from fff_jobs.training import member_seed
 
         database = config.project_database()
         existing = registry.find_member(database, campaign_id, generation, member)
         if existing is not None:
             return _summary(existing, created=False)
-        frames = [frame_from_record(record) for record in records]
+        frames = [LabelledFrame.model_validate(record).to_atoms() for record in records]
         parent = self._parent(database, campaign_id, generation, member)
         seed = member_seed(self.training_settings.seed, generation, member)
         record = self._train(frames, seed, parent) | {
@@ -132,13 +131,11 @@ class CommitteeInferenceMaker(Maker):
     name: str = "committee inference"
     compute_forces: bool = False
     descriptors: bool = True
-    batch_size: int = 64
+    batch_size: int | None = None  # structures per batch; default: 8 on a CPU, 64 on a GPU
 
     def make(self, campaign_id: str, frames: Sequence[Atoms], generation: int | None = None) -> Job:
         """A GPU job; the committee is looked up when it starts, not when it is submitted."""
-        from fff_jobs.training import frame_to_record
-
-        records = [frame_to_record(atoms) for atoms in frames]
+        records = [LabelledFrame.from_atoms(atoms).model_dump() for atoms in frames]
         inference_job = self.predict(campaign_id, records, generation)
         inference_job.name = f"{self.name} {campaign_id}"
         return route(inference_job, GPU)
@@ -147,10 +144,9 @@ class CommitteeInferenceMaker(Maker):
     def predict(self, campaign_id: str, records: list[dict], generation: int | None) -> dict:
         """Every member's energies, the committee mean and spread of energy per atom."""
         from fff_jobs.committee import load_committee, predict_committee
-        from fff_jobs.training import frame_from_record
 
         documents, models = load_committee(config.project_database(), campaign_id, generation)
-        frames = [frame_from_record(record) for record in records]
+        frames = [LabelledFrame.model_validate(record).to_atoms() for record in records]
         prediction = predict_committee(
             models, frames, self.compute_forces, self.descriptors, self.batch_size
         )
