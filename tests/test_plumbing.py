@@ -127,9 +127,12 @@ def test_concurrent_gpu_and_cpu_workers_run_every_firework_once(workdir: Path, m
     assert submitted.returncode == 0, submitted.stderr
     assert submitted.stdout.splitlines()[-1] == "45"
 
+    # Long-lived workers, as on a cluster: a plain `rapidfire` worker exits as soon as
+    # none of its own jobs is ready or running, although others' jobs may unlock more.
+    command = ["rapidfire", "--nlaunches", "infinite", "--sleep", "1"]
     workers = [
         subprocess.Popen(
-            ["rlaunch", "-w", f"fw_config/my_fworker_{category}.yaml", "rapidfire", "--sleep", "1"],
+            ["rlaunch", "-w", f"fw_config/my_fworker_{category}.yaml", *command],
             cwd=workdir,
             env=project_environment(workdir, FFF_TEST_WORKER=category),
             stdout=subprocess.DEVNULL,
@@ -137,15 +140,18 @@ def test_concurrent_gpu_and_cpu_workers_run_every_firework_once(workdir: Path, m
         )
         for category in ("gpu", "cpu")
     ]
+    client = pymongo.MongoClient(mongo_uri)
+    unfinished = {"state": {"$ne": "COMPLETED"}}
     deadline = time.monotonic() + 240
     try:
-        while any(worker.poll() is None for worker in workers) and time.monotonic() < deadline:
+        while client[database].fireworks.count_documents(unfinished) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.5)
     finally:
         for worker in workers:
             worker.kill()
 
-    client = pymongo.MongoClient(mongo_uri)
     fireworks = list(client[database].fireworks.find({}))
     assert len(fireworks) == 45
     assert {fw["state"] for fw in fireworks} == {"COMPLETED"}
