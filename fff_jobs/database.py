@@ -717,9 +717,14 @@ def workflow_size(database: Database, job_name: str, job_uuid: str) -> int:
     return 0 if workflow is None else len(workflow["nodes"])
 
 
+def campaign_jobs_filter(campaign_id: str) -> dict:
+    """Query for the campaign's Fireworks: every fff job is named ``<campaign id> <stage> ...``."""
+    return {"name": {"$regex": f"^{re.escape(campaign_id)} "}}
+
+
 def campaign_jobs(database: Database, campaign_id: str, states: tuple[str, ...]) -> list[dict]:
     """The campaign's Fireworks in these states: name, state, and the uuid of their job."""
-    query = {"name": {"$regex": f"^{re.escape(campaign_id)} "}, "state": {"$in": list(states)}}
+    query = campaign_jobs_filter(campaign_id) | {"state": {"$in": list(states)}}
     projection = {"name": 1, "state": 1, "fw_id": 1, "spec._tasks.job.uuid": 1}
     return [
         {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ class NothingToReportError(LookupError):
 def job_states(launchpad, campaign_id: str) -> dict[str, dict[str, int]]:
     """Worker category -> Firework state -> count, for this campaign's jobs."""
     pipeline = [
-        {"$match": {"name": {"$regex": f"^{re.escape(campaign_id)} "}}},
+        {"$match": db.campaign_jobs_filter(campaign_id)},
         {"$group": {"_id": {"category": "$spec._category", "state": "$state"}, "n": {"$sum": 1}}},
     ]
     states: dict[str, dict[str, int]] = {}
