@@ -1,21 +1,31 @@
-"""Benchmark: hold-out error of the campaign's training sets against random sampling, per budget.
+"""Benchmark: does a campaign learn more per reference calculation than random sampling?
 
-Run: ``.venv/bin/python benchmarks/data_efficiency.py [--quick] [--budgets 15 30 60]
-[--seeds 0 1] [--spec FILE]``. For each seed a campaign (the spec with ``num_to_run``
-set to the largest budget) runs in its own temporary project. For every budget k:
+Run: ``.venv/bin/python benchmarks/data_efficiency.py [--quick | --full] [--budgets 25 50 100]
+[--seeds 0 1 2] [--workers 2] [--spec FILE]``. For each seed a campaign (the spec with
+``num_to_run`` set to the largest budget) runs in its own temporary project, as `fff run`
+runs it. Then, for every budget B, three training sets of the campaign's initial data
+plus B frames:
 
-- *campaign*: the initial data plus the first k budgeted reference results (by
-  ``sequence``; audits and selected frames, as the campaign paid for them);
-- *random*: the same initial data plus k frames drawn uniformly from the campaign's
-  frame pool (every frame its MD segments kept: the same models and temperature),
-  labelled with the same reference.
+- *campaign*: the first B results the campaign paid for (audits and selected frames);
+- *random ML-MD*: B frames drawn uniformly from the campaign's own frame pool (every
+  frame its ML-driven MD segments kept), labelled by the reference;
+- *random reference MD* (the ideal, too expensive with real DFT): B frames drawn from MD
+  driven by the reference itself, from the same starting structures at the same
+  temperatures and thermostat.
 
-Both get a fresh committee trained identically (:func:`fff_jobs.training.train_member`
-with the spec's ModelSettings and TrainingSettings, cold start), evaluated with
-:func:`fff_jobs.committee.predict_committee` (committee mean) on a hold-out set from
-reference (GFN2-xTB) MD at two temperatures and two cluster sizes, built from other
-structures than any campaign's. Writes ``benchmarks/results/data_efficiency.json`` and
-``.png``.
+Each set trains a fresh committee identically (the spec's model and training settings,
+cold start, ``committee_size`` members; 4 at least), scored with its committee mean on a
+hold-out set: reference MD at the lowest and highest temperature of the spec's ladder, of
+clusters built from another seed, two waters larger than the largest starting structure
+included. Figures: force MAE, RMSE and 95th percentile of the force-component errors,
+energy MAE per atom, and the stability of the committee trained on the largest budget
+(MD steps, driven by its mean, at the highest temperature before a guard trips). Writes
+``benchmarks/results/data_efficiency.json`` and ``.png``.
+
+Modes: ``--quick`` the tiny test campaign (budgets 10 20, one seed: a smoke test);
+default: ``workflows/water_xtb.yaml`` at budgets 24 48 96, seeds 0 1 2 (about 2 hours
+on 2 CPU cores); ``--full`` budgets 50 100 200, seeds 0 1 2 (for a GPU machine: set
+``--workers`` to the processes it can run at once).
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tblite beside other processes (see DESIGN.md)
 
 import argparse
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import common
@@ -33,61 +45,78 @@ import numpy as np
 from ase import Atoms
 
 QUICK_SPEC = "tests/specs/tiny_water.yaml"
-# --reduced: water_xtb's loop on 3-4 waters with a tiny 2-member committee and 15 epochs,
-# sized so that budgets 12 24 48 and 2 seeds finish in about 20 minutes on 2 cores
-REDUCED = {
-    "name": "water_efficiency",
-    "system.water_clusters.min_waters": 3,
-    "system.water_clusters.max_waters": 4,
-    "model.num_channels": 8,
-    "model.num_interactions": 1,
-    "model.radial_mlp": [16, 16],
-    "model.mlp_irreps": "8x0e",
-    "training.committee_size": 2,
-    "training.max_epochs": 15,
-    "training.patience": 5,
-    "inference_chunk": 20,
-    "retrain_freq": 12,
+STRATEGIES = ("campaign", "random ML-MD", "random reference MD")
+METRICS = ("force_mae", "force_rmse", "force_p95", "energy_mae_mev_per_atom")
+LABELS = {
+    "force_mae": "force MAE (eV/Å)",
+    "force_rmse": "force RMSE (eV/Å)",
+    "force_p95": "95th percentile |force error| (eV/Å)",
+    "energy_mae_mev_per_atom": "energy MAE (meV/atom)",
 }
+MIN_COMMITTEE = 4
+STABILITY_STEPS = 2000  # the most MD steps counted per stability run
 
 
 def campaign_specs(arguments: argparse.Namespace) -> list[dict]:
-    """One spec per seed: num_to_run the largest budget, training and selection seeded."""
-    if arguments.quick:
-        path, changes = common.REPO / QUICK_SPEC, {}
-    else:
-        path, changes = common.REPO / arguments.spec, REDUCED if arguments.reduced else {}
+    """One spec per seed: the largest budget, training and selection seeded, >= 4 members."""
+    path = common.REPO / (QUICK_SPEC if arguments.quick else arguments.spec)
+    spec = common.campaign_spec(path)
+    size = max(spec.get("training", {}).get("committee_size", 8), MIN_COMMITTEE)
     return [
         common.campaign_spec(
             path,
-            **changes,
             num_to_run=max(arguments.budgets),
-            **{"training.seed": seed, "selection.seed": seed},
+            **{"training.seed": seed, "selection.seed": seed, "training.committee_size": size},
+            **{"system.water_clusters.seed": seed},
         )
         for seed in arguments.seeds
     ]
 
 
-def holdout_set(spec, sizes: tuple[int, int], steps: int, frames: int) -> list[Atoms]:
-    """Reference-driven MD of fresh clusters (two sizes) at the spec's temperature and 1.5x."""
+def md_frames(starts: list[Atoms], temperatures: list[float], spec, steps: int) -> list[Atoms]:
+    """Reference-driven MD (the spec's thermostat) of each start at each temperature: the
+    frames of the second half of each run, labelled by the reference."""
     from fff_jobs.reference import compute_references, make_calculator
     from fff_jobs.sampling import run_segment
+
+    calculator = make_calculator(spec.reference)
+    frames = []
+    for index, atoms in enumerate(starts):
+        for temperature in temperatures:
+            segment = run_segment(
+                atoms, calculator, spec.md, steps, 20, seed=index, temperature=temperature
+            )
+            frames += [frame.to_atoms() for frame in segment.frames[10:]]
+    return [r.to_atoms() for r in compute_references(frames, spec.reference) if r.success]
+
+
+def holdout_set(spec, steps: int) -> list[Atoms]:
+    """Reference MD of clusters no campaign starts from, up to two waters beyond the largest."""
     from fff_jobs.structures import water_cluster
 
-    rng = np.random.default_rng(2024)  # other structures than the campaigns' (seed 0)
-    calculator = make_calculator(spec.reference)
-    structures = []
-    for index, waters in enumerate(sizes):
-        cluster = water_cluster(waters, spec.system.water_clusters, rng)
-        for temperature in (spec.md.temperature, 1.5 * spec.md.temperature):
-            md = spec.md.model_copy(update={"temperature": temperature, "thermostat": "none"})
-            segment = run_segment(cluster, calculator, md, steps, frames, seed=100 + index)
-            structures += [frame.to_atoms() for frame in segment.frames]
-    results = compute_references(structures, spec.reference)
-    return [result.to_atoms() for result in results if result.success]
+    clusters = spec.system.water_clusters
+    rng = np.random.default_rng(2024)
+    sizes = sorted({clusters.min_waters, clusters.max_waters, clusters.max_waters + 2})
+    starts = [water_cluster(size, clusters, rng) for size in sizes for _ in range(2)]
+    ladder = spec.md.temperatures
+    return md_frames(starts, sorted({min(ladder), max(ladder)}), spec, steps)
 
 
-def campaign_frames(records: dict) -> tuple[list[Atoms], list[Atoms], list[Atoms]]:
+def reference_md_pool(spec, steps: int) -> list[Atoms]:
+    """The ideal baseline's pool: reference MD from the campaign's starting structures, each
+    trajectory at the temperature the campaign gives it."""
+    from fff_jobs.campaign import trajectory_starts
+    from fff_jobs.structures import water_search_space
+
+    starts = water_search_space(spec.system.water_clusters)
+    plan = trajectory_starts([len(a) for a in starts], spec.trajectories, spec.md.temperatures)
+    frames = []
+    for structure, temperature in plan:
+        frames += md_frames([starts[structure]], [temperature], spec, steps)
+    return frames
+
+
+def campaign_frames(records: dict) -> tuple[list[Atoms], list[Atoms | None], list[Atoms]]:
     """Initial data, budgeted results in the order they were stored, and the frame pool."""
     from fff_jobs.reference import ReferenceResult
     from fff_jobs.structures import Frame
@@ -103,151 +132,216 @@ def campaign_frames(records: dict) -> tuple[list[Atoms], list[Atoms], list[Atoms
     return initial, budgeted, pool
 
 
-def random_frames(pool: list[Atoms], count: int, seed: int, reference) -> list[Atoms | None]:
-    """``count`` pool frames drawn uniformly (nested across budgets), labelled by the reference."""
+def drawn(pool: list[Atoms], count: int, seed: int, reference=None) -> list[Atoms | None]:
+    """``count`` frames drawn uniformly (nested across budgets), labelled by the reference."""
     from fff_jobs.reference import compute_references
 
     order = np.random.default_rng(seed).permutation(len(pool))[:count]
-    results = compute_references([pool[i] for i in order], reference)
-    return [result.to_atoms() if result.success else None for result in results]
+    chosen = [pool[i] for i in order]
+    if reference is None:
+        return chosen
+    return [r.to_atoms() if r.success else None for r in compute_references(chosen, reference)]
 
 
-def committee_errors(frames: list[Atoms], spec, holdout: list[Atoms]) -> dict[str, float]:
-    """Train a fresh committee on ``frames``; its hold-out errors (committee mean)."""
-    import mace  # noqa: F401  (mace before e3nn)
-
+def errors(models, holdout: list[Atoms]) -> dict[str, float]:
+    """Committee-mean errors on the hold-out set."""
     from fff_jobs.committee import predict_committee
-    from fff_jobs.training import member_seed, train_member
 
-    models = [
-        train_member(frames, spec.model, spec.training, member_seed(spec.training.seed, 0, m)).model
-        for m in range(spec.training.committee_size)
-    ]
     prediction = predict_committee(models, holdout, compute_forces=True)
     sizes = np.array([len(atoms) for atoms in holdout])
     reference_energy = np.array([atoms.get_potential_energy() for atoms in holdout])
     energy_error = (prediction.energies.mean(axis=0) - reference_energy) / sizes
-    force_error = np.concatenate(
-        [
-            (forces.mean(axis=0) - atoms.get_forces()).ravel()
-            for forces, atoms in zip(prediction.forces, holdout, strict=True)
-        ]
+    force_error = np.abs(
+        np.concatenate(
+            [
+                (forces.mean(axis=0) - atoms.get_forces()).ravel()
+                for forces, atoms in zip(prediction.forces, holdout, strict=True)
+            ]
+        )
     )
     return {
         "energy_mae_mev_per_atom": 1e3 * float(np.abs(energy_error).mean()),
-        "force_mae": float(np.abs(force_error).mean()),
+        "force_mae": float(force_error.mean()),
         "force_rmse": float(np.sqrt((force_error**2).mean())),
-        "training_frames": len(frames),
+        "force_p95": float(np.percentile(force_error, 95)),
     }
 
 
-def learning_curves(records: dict, spec, budgets: list[int], holdout: list[Atoms]) -> dict:
-    """Arm -> budget -> hold-out errors, for one campaign (one seed)."""
+def stability(models, starts: list[Atoms], spec) -> float:
+    """Mean MD steps, driven by the committee mean at the highest temperature, before a guard
+    (overlap, huge forces, flying apart, NaN) trips; at most STABILITY_STEPS each."""
+    from mace.calculators import MACECalculator
+
+    from fff_jobs.sampling import run_segment
+
+    device = str(next(models[0].parameters()).device)
+    dtype = str(next(models[0].parameters()).dtype).removeprefix("torch.")
+    calculator = MACECalculator(models=models, device=device, default_dtype=dtype)
+    temperature = max(spec.md.temperatures)
+    steps = [
+        run_segment(atoms, calculator, spec.md, STABILITY_STEPS, 1, index, temperature).steps
+        for index, atoms in enumerate(starts)
+    ]
+    return float(np.mean(steps))
+
+
+def train_and_score(task: dict) -> dict:
+    """One committee trained on a task's frames; its hold-out errors (and stability)."""
+    import mace  # noqa: F401  (mace before e3nn)
+    import torch
+
+    from fff_jobs.spec import CampaignSpec
+    from fff_jobs.training import member_seed, train_member
+
+    torch.set_num_threads(1)
+    spec = CampaignSpec.model_validate(task["spec"])
+    frames = [atoms for atoms in task["frames"] if atoms is not None]
+    seed = spec.training.seed
+    models = [
+        train_member(frames, spec.model, spec.training, member_seed(seed, 0, member)).model
+        for member in range(spec.training.committee_size)
+    ]
+    figures = errors(models, task["holdout"]) | {"training_frames": len(frames)}
+    if task["stability_starts"]:
+        figures["stability_steps"] = stability(models, task["stability_starts"], spec)
+    return {key: task[key] for key in ("seed", "strategy", "budget")} | figures
+
+
+def training_tasks(records, spec_dict, budgets, holdout, ideal_pool) -> list[dict]:
+    """Every (strategy, budget) training set of one seed, and the budget-0 start."""
+    from fff_jobs.spec import CampaignSpec
+
+    spec = CampaignSpec.model_validate(spec_dict)
+    seed = spec.training.seed
     initial, budgeted, pool = campaign_frames(records)
-    drawn = random_frames(pool, max(budgets), spec.training.seed, spec.reference)
-    curves: dict[str, dict[int, dict]] = {"campaign": {}, "random": {}}
-    start = committee_errors(initial, spec, holdout)
-    for arm, extra in (("campaign", budgeted), ("random", drawn)):
-        curves[arm][0] = start
-        for budget in budgets:
-            frames = initial + [atoms for atoms in extra[:budget] if atoms is not None]
-            errors = committee_errors(frames, spec, holdout)
-            curves[arm][budget] = errors | {"budget_used": len(extra[:budget])}
-            print(f"  seed {spec.training.seed} {arm:8s} budget {budget:4d}: {curves[arm][budget]}")
-    return curves
-
-
-def run_campaigns(specs: list[dict]) -> list[dict]:
-    """Every seed's campaign, each in its own project, two at a time."""
-    projects = [common.temporary_project(prefix="fff-efficiency-") for _ in specs]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        records = list(pool.map(common.run_campaign, projects, specs))
-    for project, record in zip(projects, records, strict=True):
-        campaign = record["campaign"]
-        print(f"  campaign {campaign['_id']} in {project}: {campaign['status']}, spent", end=" ")
-        print(f"{campaign['budget']['spent']} of {campaign['budget']['num_to_run']}")
-    return records
-
-
-METRICS = ("energy_mae_mev_per_atom", "force_mae", "force_rmse")
-
-
-def summarise(curves: list[dict], budgets: list[int]) -> dict:
-    """Arm -> budget -> metric -> mean, min and max over the seeds; and the target's verdict."""
-    summary: dict = {}
-    for arm in ("campaign", "random"):
-        summary[arm] = {
-            budget: {
-                metric: {
-                    "mean": float(np.mean(values := [c[arm][budget][metric] for c in curves])),
-                    "min": float(np.min(values)),
-                    "max": float(np.max(values)),
-                }
-                for metric in METRICS
-            }
-            | {"budget_used": min(c[arm][budget].get("budget_used", 0) for c in curves)}
-            for budget in [0, *budgets]
-        }
-    final = summary["random"][max(budgets)]["force_mae"]["mean"]
-    reached = [b for b in budgets if summary["campaign"][b]["force_mae"]["mean"] <= final]
-    summary["target"] = {
-        "random_final_force_mae": final,
-        "campaign_budget_reaching_it": min(reached) if reached else None,
-        "met": bool(reached) and min(reached) <= max(budgets) / 2,
+    extra = {
+        "campaign": budgeted,
+        "random ML-MD": drawn(pool, max(budgets), seed, spec.reference),
+        "random reference MD": drawn(ideal_pool, max(budgets), seed),
     }
+    largest = max(len(atoms) for atoms in holdout)
+    starts = [atoms for atoms in holdout if len(atoms) == largest][::10]
+    base = {"seed": seed, "spec": spec_dict, "holdout": holdout, "stability_starts": []}
+    tasks = [base | {"strategy": "initial data", "budget": 0, "frames": initial}]
+    for strategy, frames in extra.items():
+        for budget in budgets:
+            stable = starts if budget == max(budgets) else []
+            tasks.append(
+                base
+                | {"strategy": strategy, "budget": budget, "stability_starts": stable}
+                | {"frames": initial + frames[:budget], "budget_used": len(frames[:budget])}
+            )
+    return tasks
+
+
+def summarise(rows: list[dict], budgets: list[int]) -> dict:
+    """Strategy -> budget -> figure -> mean, min and max over the seeds (budget 0 shared)."""
+    summary: dict = {}
+    for strategy in STRATEGIES:
+        summary[strategy] = {}
+        for budget in [0, *budgets]:
+            name = "initial data" if budget == 0 else strategy
+            chosen = [r for r in rows if r["strategy"] == name and r["budget"] == budget]
+            figures = [k for k in (*METRICS, "stability_steps") if k in chosen[0]]
+            summary[strategy][budget] = {
+                key: {
+                    "mean": float(np.mean([r[key] for r in chosen])),
+                    "min": float(np.min([r[key] for r in chosen])),
+                    "max": float(np.max([r[key] for r in chosen])),
+                }
+                for key in figures
+            }
     return summary
 
 
+def targets(summary: dict, budgets: list[int]) -> dict:
+    """The issue's three targets, each with the figures that decide it."""
+
+    def mean(strategy: str, budget: int, metric: str) -> float:
+        return summary[strategy][budget][metric]["mean"]
+
+    halving = {
+        budget: (
+            mean("campaign", budget, "force_mae"),
+            mean("random ML-MD", 2 * budget, "force_mae"),
+        )
+        for budget in budgets
+        if budget >= 50 and 2 * budget in budgets
+    }
+    tail = {
+        b: (mean("campaign", b, "force_p95"), mean("random ML-MD", b, "force_p95")) for b in budgets
+    }
+    ideal = {
+        b: (mean("campaign", b, "force_mae"), mean("random reference MD", b, "force_mae"))
+        for b in budgets
+    }
+    return {
+        "campaign at B reaches random ML-MD at 2B (force MAE)": {
+            "figures": halving,
+            "met": bool(halving) and all(a <= b for a, b in halving.values()),
+        },
+        "campaign 95th percentile below random ML-MD at every budget": {
+            "figures": tail,
+            "met": all(a < b for a, b in tail.values()),
+        },
+        "campaign within 1.3x of random reference MD (force MAE)": {
+            "figures": ideal,
+            "met": all(a <= 1.3 * b for a, b in ideal.values()),
+        },
+    }
+
+
 def plot(summary: dict, budgets: list[int], path: Path) -> None:
-    """Energy MAE, force MAE and force RMSE against budget, both arms, spread over seeds."""
+    """Each metric against budget, the three strategies, spread over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4))
-    labels = ("energy MAE (meV/atom)", "force MAE (eV/A)", "force RMSE (eV/A)")
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8))
     x = [0, *budgets]
-    for axis, metric, label in zip(axes, METRICS, labels, strict=True):
-        for arm in ("campaign", "random"):
-            rows = [summary[arm][b][metric] for b in x]
-            mean = [r["mean"] for r in rows]
-            axis.plot(x, mean, marker="o", label=arm)
-            axis.fill_between(x, [r["min"] for r in rows], [r["max"] for r in rows], alpha=0.25)
+    for axis, metric in zip(axes, METRICS, strict=True):
+        for strategy in STRATEGIES:
+            rows = [summary[strategy][b][metric] for b in x]
+            axis.plot(x, [r["mean"] for r in rows], marker="o", label=strategy)
+            axis.fill_between(x, [r["min"] for r in rows], [r["max"] for r in rows], alpha=0.2)
         axis.set_xlabel("reference calculations (budget)")
-        axis.set_ylabel(label)
-        axis.legend()
+        axis.set_ylabel(LABELS[metric])
+        axis.set_yscale("log")
+    axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"plot written to {path}")
 
 
-def _spread(figures: dict) -> str:
-    return f"{figures['mean']:.4g} [{figures['min']:.3g}-{figures['max']:.3g}]"
-
-
 def table_rows(summary: dict, budgets: list[int]) -> list[tuple]:
-    """One row per budget and arm: each metric's mean [min-max] over the seeds."""
+    """One row per budget and strategy: each figure's mean [min-max] over the seeds."""
     rows = []
-    for budget in [0, *budgets]:
-        for arm in ("campaign", "random"):
-            figures = summary[arm][budget]
-            used = figures["budget_used"]
-            label = arm if used == budget or budget == 0 else f"{arm} (only {used} spent)"
-            rows.append((budget, label, *(_spread(figures[metric]) for metric in METRICS)))
+    for budget in budgets:
+        for strategy in STRATEGIES:
+            figures = summary[strategy][budget]
+            cells = [
+                f"{figures[m]['mean']:.4g} [{figures[m]['min']:.3g}-{figures[m]['max']:.3g}]"
+                for m in METRICS
+            ]
+            stable = figures.get("stability_steps")
+            rows.append((budget, strategy, *cells, f"{stable['mean']:.0f}" if stable else ""))
     return rows
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the tiny test campaign, budget 20")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[50, 100, 200, 400])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quick", action="store_true", help="the tiny test campaign, one seed")
+    parser.add_argument("--full", action="store_true", help="budgets 50 100 200 (a GPU machine)")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[24, 48, 96])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--spec", default="workflows/water_xtb.yaml")
-    parser.add_argument("--reduced", action="store_true", help="a smaller committee and model")
+    parser.add_argument("--workers", type=int, default=2, help="training processes at once")
     arguments = parser.parse_args()
     if arguments.quick:
-        arguments.budgets = [10, 20]
+        arguments.budgets, arguments.seeds = [10, 20], [0]
+    elif arguments.full:
+        arguments.budgets = [50, 100, 200]
     return arguments
 
 
@@ -255,32 +349,55 @@ def main() -> None:
     arguments = parse_arguments()
     from fff_jobs.spec import CampaignSpec
 
-    note = common.machine_note()
+    note, started = common.machine_note(), time.perf_counter()
     specs = campaign_specs(arguments)
     first = CampaignSpec.model_validate(specs[0])
-    with ThreadPoolExecutor(max_workers=1) as background:
-        running = background.submit(run_campaigns, specs)
-        clusters = first.system.water_clusters
-        steps, frames = (60, 6) if arguments.quick else (300, 20)
-        holdout = holdout_set(first, (clusters.min_waters, clusters.max_waters), steps, frames)
-        records = running.result()
-    curves = [
-        learning_curves(record, CampaignSpec.model_validate(spec), arguments.budgets, holdout)
-        for record, spec in zip(records, specs, strict=True)
+    steps = 60 if arguments.quick else 400
+    with ThreadPoolExecutor(max_workers=len(specs) + 2) as background:
+        campaigns = [background.submit(run_one_campaign, spec) for spec in specs]
+        holdout = background.submit(holdout_set, first, steps)
+        pools = [
+            background.submit(reference_md_pool, CampaignSpec.model_validate(spec), steps)
+            for spec in specs
+        ]
+        records = [campaign.result() for campaign in campaigns]
+        holdout, pools = holdout.result(), [pool.result() for pool in pools]
+    print(f"campaigns and pools ready after {time.perf_counter() - started:.0f} s")
+    tasks = [
+        task
+        for record, spec, pool in zip(records, specs, pools, strict=True)
+        for task in training_tasks(record, spec, arguments.budgets, holdout, pool)
     ]
-    summary = summarise(curves, arguments.budgets)
-    headers = ("budget", "arm", "energy MAE meV/atom", "force MAE eV/A", "force RMSE eV/A")
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(arguments.workers, mp_context=context) as workers:
+        rows = list(workers.map(train_and_score, tasks))
+    summary = summarise(rows, arguments.budgets)
+    verdicts = targets(summary, arguments.budgets)
+    headers = ("budget", "strategy", *METRICS, "stable MD steps")
     title = (
-        f"hold-out errors ({len(holdout)} frames), mean [min-max] over seeds "
-        f"{arguments.seeds}; {note}"
+        f"hold-out ({len(holdout)} frames): mean [min-max] over seeds {arguments.seeds}; "
+        f"{time.perf_counter() - started:.0f} s; {note}"
     )
     common.print_table(title, headers, table_rows(summary, arguments.budgets))
-    print(f"target: {summary['target']}")
+    for name, verdict in verdicts.items():
+        print(f"target: {name}: {'met' if verdict['met'] else 'NOT met'} {verdict['figures']}")
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(summary, arguments.budgets, common.RESULTS / "data_efficiency.png")
-    figures = {"machine": note, "quick": arguments.quick, "budgets": arguments.budgets}
-    figures |= {"seeds": arguments.seeds, "specs": specs, "holdout_frames": len(holdout)}
+    figures = {"machine": note, "budgets": arguments.budgets, "seeds": arguments.seeds}
+    figures |= {"specs": specs, "holdout_frames": len(holdout), "rows": rows}
     figures |= {"campaign_ids": [r["campaign"]["_id"] for r in records]}
-    common.write_results("data_efficiency", figures | {"summary": summary, "curves": curves})
+    figures |= {"summary": summary, "targets": verdicts}
+    common.write_results("data_efficiency", figures)
+
+
+def run_one_campaign(spec: dict) -> dict:
+    """A campaign in its own temporary project, run as `fff run` runs it; its records."""
+    project = common.temporary_project(prefix="fff-efficiency-")
+    records = common.run_campaign(project, spec)
+    campaign = records["campaign"]
+    print(f"  campaign {campaign['_id']} in {project}: {campaign['status']}, spent", end=" ")
+    print(f"{campaign['budget']['spent']} of {campaign['budget']['num_to_run']}", flush=True)
+    return records
 
 
 if __name__ == "__main__":

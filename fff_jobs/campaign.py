@@ -34,10 +34,11 @@ import zlib
 from jobflow import Flow, Job, Response, job
 
 from fff_jobs import database as db
+from fff_jobs.calibration import Prediction, calibration_record
 from fff_jobs.config import project_database
 from fff_jobs.reference import ReferenceResult, compute_references
 from fff_jobs.routing import route
-from fff_jobs.spec import CampaignSpec, SelectionSettings
+from fff_jobs.spec import CampaignSpec
 from fff_jobs.structures import Frame
 
 # Heavy science modules (torch, mace) are imported inside the GPU jobs only, so that
@@ -123,9 +124,7 @@ def next_training(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
     """
     campaign = db.get_campaign(database, campaign_id)
     required = 1 if campaign["budget"]["left"] == 0 else spec.retrain_freq
-    generation = db.claim_training_round(
-        database, campaign_id, db.newest_sequence(database, campaign_id), required, this_job()
-    )
+    generation = db.claim_training_round(database, campaign_id, required, this_job())
     return [] if generation is None else train_jobs(campaign_id, spec, generation)
 
 
@@ -133,7 +132,8 @@ def maybe_finish(database, campaign_id: str) -> None:
     """Complete the campaign once the budget is spent, every result stored and trained on."""
     campaign = db.get_campaign(database, campaign_id)
     stored = db.count_results(database, campaign_id, source={"$ne": "initial"})
-    trained = db.newest_sequence(database, campaign_id) <= campaign["training"]["max_sequence"]
+    results = db.count_results(database, campaign_id, success=True)
+    trained = results <= campaign["training"]["trained_results"]
     if (
         campaign["budget"]["left"] == 0
         and stored >= campaign["budget"]["spent"]
@@ -163,9 +163,7 @@ def keep_going(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
     if db.count_pooled(database, campaign_id):
         number = db.request_selection(database, campaign_id, this_job())
         return [] if number is None else [selection_job(campaign_id, spec, number)]
-    generation = db.claim_training_round(
-        database, campaign_id, db.newest_sequence(database, campaign_id), 1, this_job()
-    )
+    generation = db.claim_training_round(database, campaign_id, 1, this_job())
     if generation is not None:
         return train_jobs(campaign_id, spec, generation)
     db.finish_campaign(database, campaign_id, "every trajectory retired, nothing new to learn")
@@ -271,16 +269,29 @@ def _initial_frames(spec: CampaignSpec, search_space: list) -> list:
 
 
 def result_document(
-    result: ReferenceResult, campaign_id: str, result_id: str, source: str, **provenance
+    result: ReferenceResult,
+    campaign_id: str,
+    result_id: str,
+    source: str,
+    prediction: dict | None = None,
+    **provenance,
 ) -> dict:
-    """What is stored of one reference calculation: the result, its source and provenance."""
-    return {
+    """What is stored of one reference calculation: the result, its source and provenance.
+
+    With the committee's ``prediction`` of the frame, a successful result also stores
+    its calibration record: the predicted uncertainty beside the actual error.
+    """
+    document = {
         "_id": result_id,
         "campaign_id": campaign_id,
         "source": source,
         **provenance,
         **result.model_dump(mode="json"),
     }
+    if prediction is not None and result.success:
+        record = calibration_record(Prediction(**prediction), result.energy, result.forces)
+        document["calibration"] = record.model_dump()
+    return document
 
 
 @job
@@ -310,9 +321,7 @@ def ingest(campaign_id: str) -> Response:
             f"campaign {campaign_id}: only {succeeded} of {len(frames)} initial frames were "
             "computed by the reference; check the reference settings and starting structures"
         )
-    generation = db.claim_training_round(
-        database, campaign_id, db.newest_sequence(database, campaign_id), 1, this_job()
-    )
+    generation = db.claim_training_round(database, campaign_id, 1, this_job())
     additions = [] if generation is None else train_jobs(campaign_id, spec, generation)
     return _grow(
         database,
@@ -323,29 +332,45 @@ def ingest(campaign_id: str) -> Response:
     )
 
 
-def _training_frames(database, campaign_id: str, generation: int) -> list:
-    campaign = db.get_campaign(database, campaign_id)
-    max_sequence = campaign["training"]["rounds"][str(generation)]
+def _training_frames(database, campaign_id: str, generation: int) -> tuple[list, list[str]]:
+    """The generation's training snapshot as labelled Atoms, and each frame's result id."""
     fields = ReferenceResult.model_fields
-    return [
+    documents = db.training_results(database, campaign_id, generation)
+    frames = [
         ReferenceResult.model_validate({key: doc[key] for key in fields if key in doc}).to_atoms()
-        for doc in db.training_results(database, campaign_id, max_sequence)
+        for doc in documents
     ]
+    return frames, [doc["_id"] for doc in documents]
+
+
+def member_split(spec: CampaignSpec, member: int, result_ids: list[str]):
+    """A member's training and validation indices: fixed per result for the whole campaign."""
+    from fff_jobs.training import fixed_split, split_key
+
+    training = spec.training
+    key = split_key(training.seed, member)
+    return fixed_split(result_ids, key, training.split, training.validation_fraction)
 
 
 def _train_and_register(
     database, campaign_id: str, spec: CampaignSpec, generation: int, member: int
 ) -> dict:
+    """Train a member (again with a new seed while it diverges, up to max_attempts); register it."""
     from fff_jobs.training import member_seed, package_versions, training_set_hash
     from fff_jobs.training import train_member as train
 
-    frames = _training_frames(database, campaign_id, generation)
+    frames, result_ids = _training_frames(database, campaign_id, generation)
     parent_document = db.find_member(database, campaign_id, generation - 1, member)
     parent = None
     if spec.training.warm_start and parent_document is not None:
         parent = (parent_document["hyperparameters"], db.load_weights(database, parent_document))
-    seed = member_seed(spec.training.seed, generation, member)
-    trained = train(frames, spec.model, spec.training, seed, parent)
+    split = member_split(spec, member, result_ids)
+    for attempt in range(spec.training.max_attempts):
+        seed = member_seed(spec.training.seed, generation, member, attempt)
+        trained = train(frames, spec.model, spec.training, seed, parent, split)
+        diverged = _divergence(trained.history)
+        if diverged is None:
+            break
     record = {
         "campaign_id": campaign_id,
         "generation": generation,
@@ -353,8 +378,10 @@ def _train_and_register(
         "committee_size": spec.training.committee_size,
         "hyperparameters": trained.hyperparameters,
         "seed": seed,
+        "attempts": attempt + 1,
         "training_set_hash": training_set_hash(frames),
         "training_set_size": len(frames),
+        "validation_set_size": len(split[1]),
         "parent_model": parent_document["_id"] if parent else None,
         "metrics": trained.metrics,
         "epochs": trained.epochs,
@@ -362,7 +389,7 @@ def _train_and_register(
         "wall_time": trained.wall_time,
         "device": trained.device,
         "versions": package_versions(),
-        "diverged": _divergence(trained.history),
+        "diverged": diverged,
     }
     document, _ = db.register_member(database, record, trained.model.state_dict())
     return document
@@ -371,19 +398,29 @@ def _train_and_register(
 def _divergence(history: list[dict]) -> str | None:
     """Why a member's training diverged (no finite validation loss in any epoch), or None.
 
-    A diverged member is registered all the same, with the weights it started from
-    (its parent's, or fresh ones) and this reason, so that its round completes and
-    the campaign goes on; `fff status` counts such members, and the generation's
-    figures average only members that did not diverge.
+    A member that still diverges after its last attempt is registered all the same,
+    with the weights it started from (its parent's, or fresh ones) and this reason, so
+    that its round completes and the campaign goes on; it takes no part in sampling,
+    selection or the generation's errors, and `fff status` shows it as a problem.
     """
     if any(math.isfinite(entry["validation_loss"]) for entry in history):
         return None
     return f"training diverged: validation loss {history[-1]['validation_loss']} in every epoch"
 
 
-def _mean_metric(documents: list[dict], name: str) -> float:
-    values = [d["metrics"][name] for d in documents if not d.get("diverged")]
-    return sum(values) / len(values) if values else math.nan
+def _generation_errors(
+    database, campaign_id: str, spec: CampaignSpec, generation: int
+) -> dict[str, float]:
+    """The committee's out-of-sample errors: each frame predicted by the members that never
+    trained on it (their mean), over the generation's training snapshot."""
+    import mace  # noqa: F401  (mace before e3nn)
+
+    from fff_jobs.committee import load_committee, out_of_sample_errors
+
+    documents, models = load_committee(database, campaign_id, generation, healthy=True)
+    frames, result_ids = _training_frames(database, campaign_id, generation)
+    held_out = [set(member_split(spec, d["member"], result_ids)[1]) for d in documents]
+    return out_of_sample_errors(models, frames, held_out, spec.inference_batch_size)
 
 
 def _follow_up_generation(
@@ -392,8 +429,7 @@ def _follow_up_generation(
     """What the end of a training round adds: first segments, next round, or the end."""
     documents = db.committee_documents(database, campaign_id, generation)
     campaign = db.get_campaign(database, campaign_id)
-    force_mae = _mean_metric(documents, "validation_force_mae")
-    energy_mae = _mean_metric(documents, "validation_energy_mae_per_atom")
+    errors = _generation_errors(database, campaign_id, spec, generation)
     db.record_generation(
         database,
         campaign_id,
@@ -401,12 +437,12 @@ def _follow_up_generation(
             "generation": generation,
             "training_set_size": documents[0]["training_set_size"],
             "reference_spent": campaign["budget"]["spent"],
-            "validation_force_mae": force_mae,
-            "validation_energy_mae_per_atom": energy_mae,
+            "healthy_members": sum(not d.get("diverged") for d in documents),
+            **errors,
             "published_at": db.now(),
         },
     )
-    target = spec.target_force_error
+    target, force_mae = spec.target_force_error, errors["validation_force_mae"]
     if target is not None and force_mae <= target:
         db.finish_campaign(
             database,
@@ -423,12 +459,36 @@ def _follow_up_generation(
     return additions + keep_going(database, campaign_id, spec)
 
 
+def trajectory_starts(
+    sizes: list[int], trajectories: int, temperatures: list[float]
+) -> list[tuple[int, float]]:
+    """Each trajectory's starting structure (an index into ``sizes``) and temperature.
+
+    Trajectory i takes the next size in turn (smallest first), the next structure of
+    that size, and a temperature of the ladder shifted every round of sizes, so every
+    size runs at every temperature once there are enough trajectories.
+    """
+    by_size: dict[int, list[int]] = {}
+    for index, size in enumerate(sizes):
+        by_size.setdefault(size, []).append(index)
+    groups = [by_size[size] for size in sorted(by_size)]
+    starts = []
+    for trajectory in range(trajectories):
+        round_, group = divmod(trajectory, len(groups))
+        structure = groups[group][round_ % len(groups[group])]
+        temperature = temperatures[(trajectory + round_) % len(temperatures)]
+        starts.append((structure, temperature))
+    return starts
+
+
 def _start_trajectories(database, campaign_id: str, spec: CampaignSpec) -> list[Job]:
     """Create the trajectories and their first segments (again, for a re-run: see _grow)."""
     starts = db.starting_structures(database, campaign_id)
+    sizes = [len(start["frame"]["numbers"]) for start in starts]
     jobs = []
-    for index in range(spec.trajectories):
-        start = starts[index % len(starts)]
+    plan = trajectory_starts(sizes, spec.trajectories, spec.md.temperatures)
+    for index, (structure, temperature) in enumerate(plan):
+        start = starts[structure]
         trajectory_id = f"{campaign_id}-t{index:03d}"
         db.create_trajectory(
             database,
@@ -436,10 +496,10 @@ def _start_trajectories(database, campaign_id: str, spec: CampaignSpec) -> list[
                 "_id": trajectory_id,
                 "campaign_id": campaign_id,
                 "index": index,
+                "temperature": temperature,
                 "start_frame": start["frame"],
                 "current_frame": start["frame"],
                 "run_length": spec.md.run_length,
-                "errors_per_step": [],
                 "segments_completed": 0,
                 "audits_completed": 0,
                 "failures": 0,
@@ -469,20 +529,21 @@ def train_member(campaign_id: str, generation: int, member: int) -> Response:
     return _grow(database, campaign_id, spec, output, additions)
 
 
-def _sampling_calculator(database, campaign_id: str, spec: CampaignSpec):
-    """The newest committee's first member as an ASE calculator, and its generation."""
+def _sampling_committee(database, campaign_id: str, spec: CampaignSpec):
+    """The newest committee's healthy members, the first as an ASE calculator, and its
+    generation."""
     import mace  # noqa: F401  (mace before e3nn)
     from mace.calculators import MACECalculator
 
-    from fff_jobs.committee import load_member
+    from fff_jobs.committee import load_committee
     from fff_jobs.training import resolve_device
 
     generation = db.current_generation(database, campaign_id)
-    document = db.committee_documents(database, campaign_id, generation)[0]
     device = resolve_device(spec.md.device)
-    model = load_member(document["hyperparameters"], db.load_weights(database, document), device)
-    dtype = document["hyperparameters"]["dtype"]
-    return MACECalculator(models=[model], device=device, default_dtype=dtype), generation
+    documents, models = load_committee(database, campaign_id, generation, device=device)
+    dtype = documents[0]["hyperparameters"]["dtype"]
+    calculator = MACECalculator(models=[models[0]], device=device, default_dtype=dtype)
+    return calculator, models, generation
 
 
 def _segment_seed(trajectory_id: str, segment: int) -> int:
@@ -516,10 +577,11 @@ def _run_segment(
     database, campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int
 ) -> dict:
     """Run the segment, pool its frames and record it; the job's output."""
+    from fff_jobs.committee import committee_uncertainty, predict_committee
     from fff_jobs.sampling import run_segment
 
     trajectory = db.get_trajectory(database, trajectory_id)
-    calculator, generation = _sampling_calculator(database, campaign_id, spec)
+    calculator, models, generation = _sampling_committee(database, campaign_id, spec)
     start = Frame.model_validate(trajectory["current_frame"]).to_atoms()
     result = run_segment(
         start,
@@ -527,7 +589,13 @@ def _run_segment(
         spec.md,
         num_steps=trajectory["run_length"],
         seed=_segment_seed(trajectory_id, segment),
+        temperature=trajectory.get("temperature"),
+        uncertainty=committee_uncertainty(models, spec.uncertainty),
     )
+    prediction = None
+    if result.final_energy is not None:
+        final = predict_committee(models, [result.final_frame.to_atoms()], compute_forces=True)
+        prediction = final.frame_prediction(0, generation).model_dump()
     prefix = f"{trajectory_id}-s{segment:04d}"
     db.pool_frames(
         database,
@@ -553,6 +621,8 @@ def _run_segment(
         "flag": result.flag,
         "detail": result.detail,
         "generation": generation,
+        "prediction": prediction,
+        "temperature": trajectory.get("temperature"),
         "wall_time": result.wall_time,
     }
     completed = db.complete_segment(database, trajectory_id, segment, summary)
@@ -579,6 +649,7 @@ def _audit_result(
         campaign_id,
         result_id,
         "audit",
+        last.get("prediction"),
         trajectory_id=trajectory["_id"],
         segment=segment,
         generation=last["generation"],
@@ -612,7 +683,7 @@ def audit_segment(campaign_id: str, trajectory_id: str, segment: int) -> Respons
 
 def _audit(database, campaign_id: str, spec: CampaignSpec, trajectory_id: str, segment: int):
     """Audit the segment and apply the decision to its trajectory; the job's output."""
-    from fff_jobs.sampling import audit_decision
+    from fff_jobs.sampling import audit_decision, audit_tolerance
 
     trajectory = db.get_trajectory(database, trajectory_id)
     result = _audit_result(database, campaign_id, spec, trajectory, segment)
@@ -620,26 +691,24 @@ def _audit(database, campaign_id: str, spec: CampaignSpec, trajectory_id: str, s
         db.set_trajectory_status(database, trajectory_id, "stopped")
         return {"stopped": "reference budget spent"}
     last = trajectory["last_segment"]
+    generations = db.get_campaign(database, campaign_id)["generations"]
+    errors = {g["generation"]: g.get("validation_energy_mae_per_atom") for g in generations}
+    prediction = last.get("prediction")
     decision = audit_decision(
-        last["final_energy"],
+        prediction["energy"] if prediction else last["final_energy"],
         result["energy"] if result["success"] else None,
         len(last["final_frame"]["numbers"]),
-        last["steps"],
         last["flag"],
-        trajectory["errors_per_step"],
         trajectory["run_length"],
+        audit_tolerance(spec.audit, errors.get(last["generation"])),
         spec.audit,
     )
     passed = decision.action == "continue"
     failures = 0 if passed else trajectory["failures"] + 1
     retired = failures >= spec.max_trajectory_failures
-    errors = trajectory["errors_per_step"]
-    if decision.error_per_step is not None:
-        errors = [*errors, decision.error_per_step][-spec.audit.error_history :]
     changes = {
         "current_frame": last["final_frame"] if passed else trajectory["start_frame"],
         "run_length": decision.run_length,
-        "errors_per_step": errors,
         "failures": failures,
         "restarts": trajectory["restarts"] + (not passed),
         "status": "retired" if retired else "sampling",
@@ -674,9 +743,12 @@ def _infer_and_select(database, campaign_id: str, spec: CampaignSpec, selection_
     batch_size = min(
         spec.selection.batch_size, db.get_campaign(database, campaign_id)["budget"]["left"]
     )
-    selected, spreads, generation = [], {}, db.current_generation(database, campaign_id)
+    generation = db.current_generation(database, campaign_id)
+    selected, uncertainties, predictions = [], {}, {}
     if frames and batch_size > 0:
-        selected, spreads = _select(database, campaign_id, spec, frames, batch_size)
+        selected, uncertainties, predictions = _select(
+            database, campaign_id, spec, frames, batch_size
+        )
     db.store_selection(
         database,
         {
@@ -687,34 +759,42 @@ def _infer_and_select(database, campaign_id: str, spec: CampaignSpec, selection_
             "selected": selected,
             "wall_time": time.perf_counter() - started,
         },
-        spreads,
+        uncertainties,
+        predictions,
     )
     return {"scored": len(frames), "selected": len(selected)}
 
 
 def _select(database, campaign_id: str, spec: CampaignSpec, frames: list[dict], batch_size: int):
-    """Frame ids picked by the selection method, and every frame's committee spread (eV/atom)."""
+    """Frame ids picked by the selection method, every frame's committee uncertainty, and the
+    committee's prediction of each frame picked (for its calibration record)."""
     import mace  # noqa: F401  (mace before e3nn)
 
     from fff_jobs.committee import load_committee, predict_committee
     from fff_jobs.selection import select_frames
 
-    _, models = load_committee(database, campaign_id)
+    documents, models = load_committee(database, campaign_id)
     atoms = [Frame.model_validate(frame["frame"]).to_atoms() for frame in frames]
-    method = spec.selection.method
     prediction = predict_committee(
-        models, atoms, descriptors=method == "farthest_point", batch_size=spec.inference_batch_size
+        models,
+        atoms,
+        compute_forces=True,
+        descriptors=spec.selection.method == "farthest_point",
+        batch_size=spec.inference_batch_size,
     )
-    sizes = [len(a) for a in atoms]
-    per_atom = prediction.energies / sizes
-    settings = SelectionSettings.model_validate(
-        spec.selection.model_dump() | {"batch_size": batch_size}
-    )
-    picked = select_frames(per_atom.T, settings, prediction.descriptors)
-    spreads = prediction.energy_per_atom_std
-    return [frames[index]["_id"] for index in picked], {
-        frame["_id"]: float(spread) for frame, spread in zip(frames, spreads, strict=True)
+    per_atom = prediction.energies / [len(a) for a in atoms]
+    uncertainty = prediction.uncertainty(spec.uncertainty)
+    settings = spec.selection.model_copy(update={"batch_size": batch_size})
+    picked = select_frames(uncertainty, settings, per_atom.T, prediction.descriptors)
+    generation = documents[0]["generation"]
+    predictions = {
+        frames[index]["_id"]: prediction.frame_prediction(int(index), generation).model_dump()
+        for index in picked
     }
+    uncertainties = {
+        frame["_id"]: float(value) for frame, value in zip(frames, uncertainty, strict=True)
+    }
+    return list(predictions), uncertainties, predictions
 
 
 @job
@@ -737,6 +817,7 @@ def calculate(campaign_id: str, frame_ids: list[str]) -> Response:
             campaign_id,
             result_id,
             "active",
+            frame.get("prediction"),
             trajectory_id=frame["trajectory_id"],
             segment=frame["segment"],
             generation=frame["generation"],

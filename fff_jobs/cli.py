@@ -262,6 +262,7 @@ def print_status(campaign_id: str) -> None:
         ),
         ("audits passed", "none yet" if rate is None else f"{rate:.0%} of {status['audits']}"),
         ("recent audit errors", f"{errors} meV/atom" if errors else "none yet"),
+        ("calibration", describe_calibration(status["calibration"])),
     ]
     for category, states in sorted(status["jobs"].items()):
         counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
@@ -270,6 +271,18 @@ def print_status(campaign_id: str) -> None:
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+def describe_calibration(summary: dict) -> str:
+    """One line: how well the committee's uncertainty ranked the errors the reference found."""
+    if not summary["frames"]:
+        return "no computed frame with a prediction yet"
+    correlation = summary["rank_correlation"]
+    ranked = "n/a" if correlation is None else f"{correlation:.2f}"
+    return (
+        f"{summary['frames']} frames, rank correlation {ranked}; median force deviation "
+        f"{summary['median_force_deviation']:.3f} vs error {summary['median_force_error']:.3f} eV/Å"
+    )
 
 
 @app.command()

@@ -9,7 +9,7 @@ from the model registry (:mod:`fff_jobs.database`).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from mace.tools.scatter import scatter_mean
 from mace.tools.train import preserve_grad_state
 from pymongo.database import Database
 
+from fff_jobs import calibration
 from fff_jobs import database as registry
 from fff_jobs.training import (
     build_model,
@@ -53,6 +54,25 @@ class CommitteePrediction:
     def energy_mean(self) -> np.ndarray:
         """Committee mean of the energy of each structure."""
         return self.energies.mean(axis=0)
+
+    @property
+    def force_deviation(self) -> np.ndarray:
+        """Largest per-atom force standard deviation over members of each structure (eV/A)."""
+        if self.forces is None:
+            raise ValueError("the force deviation needs forces: predict with compute_forces=True")
+        return np.array([calibration.force_deviation(forces) for forces in self.forces])
+
+    def uncertainty(self, kind: calibration.Uncertainty) -> np.ndarray:
+        """Each structure's force deviation (eV/A) or energy-per-atom spread (eV/atom)."""
+        return self.force_deviation if kind == "force" else self.energy_per_atom_std
+
+    def frame_prediction(self, index: int, generation: int) -> calibration.Prediction:
+        """Structure ``index`` as a :class:`~fff_jobs.calibration.Prediction` (needs forces)."""
+        if self.forces is None:
+            raise ValueError("a frame's prediction needs forces: predict with compute_forces=True")
+        return calibration.Prediction.from_members(
+            generation, self.energies[:, index], self.forces[index]
+        )
 
 
 def load_member(
@@ -144,6 +164,20 @@ def predict_committee(
     return _prediction(frames, len(models), results)
 
 
+def committee_uncertainty(
+    models: Sequence[torch.nn.Module], kind: calibration.Uncertainty, device: str = "auto"
+) -> Callable[[Atoms], float]:
+    """The committee's uncertainty of one structure, as a function of its atoms (for MD)."""
+
+    def estimate(atoms: Atoms) -> float:
+        prediction = predict_committee(
+            models, [atoms], compute_forces=kind == "force", batch_size=1, device=device
+        )
+        return float(prediction.uncertainty(kind)[0])
+
+    return estimate
+
+
 def _prediction(frames: Sequence[Atoms], size: int, results: list[tuple]) -> CommitteePrediction:
     energies = np.concatenate([result[0] for result in results] or [np.zeros((size, 0))], axis=1)
     per_atom = energies / np.array([len(atoms) for atoms in frames])
@@ -156,6 +190,41 @@ def _prediction(frames: Sequence[Atoms], size: int, results: list[tuple]) -> Com
         forces=forces or None,
         descriptors=np.concatenate(features) if features else None,
     )
+
+
+def out_of_sample_errors(
+    models: Sequence[torch.nn.Module],
+    frames: Sequence[Atoms],
+    held_out: Sequence[set[int]],
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """The committee's errors on frames its members never trained on (out of bag).
+
+    ``held_out[m]`` holds the indices of the frames member m validated on; each such
+    frame is predicted by the mean of the members that held it out. Energy MAE per atom
+    (eV/atom), force MAE and RMSE (eV/A) over those frames, and how many there were.
+    """
+    indices = sorted(set().union(*held_out))
+    if not indices:
+        nan = float("nan")
+        keys = ("energy_mae_per_atom", "force_mae", "force_rmse")
+        return {f"validation_{key}": nan for key in keys} | {"validation_frames": 0}
+    chosen = [frames[index] for index in indices]
+    prediction = predict_committee(models, chosen, compute_forces=True, batch_size=batch_size)
+    energy_errors, force_errors = [], []
+    for column, (index, atoms) in enumerate(zip(indices, chosen, strict=True)):
+        members = [m for m, frames_out in enumerate(held_out) if index in frames_out]
+        energy = prediction.energies[members, column].mean()
+        forces = prediction.forces[column][members].mean(axis=0)
+        energy_errors.append(abs(energy - atoms.get_potential_energy()) / len(atoms))
+        force_errors.append((forces - atoms.get_forces()).ravel())
+    force_errors = np.concatenate(force_errors)
+    return {
+        "validation_energy_mae_per_atom": float(np.mean(energy_errors)),
+        "validation_force_mae": float(np.abs(force_errors).mean()),
+        "validation_force_rmse": float(np.sqrt((force_errors**2).mean())),
+        "validation_frames": len(indices),
+    }
 
 
 def export_model(
@@ -175,9 +244,14 @@ def load_committee(
     generation: int | None = None,
     device: str = "auto",
     cache_directory: Path | None = None,
+    healthy: bool = True,
 ) -> tuple[list[dict], list[torch.nn.Module]]:
-    """Registry documents and rebuilt models of a committee (default: the current generation)."""
-    documents = registry.committee_documents(database, campaign_id, generation)
+    """Registry documents and rebuilt models of a committee (default: the current generation).
+
+    ``healthy``: leave out members whose training diverged (they never sample, score
+    frames or count in errors).
+    """
+    documents = registry.committee_documents(database, campaign_id, generation, healthy)
     models = [
         load_member(
             document["hyperparameters"],

@@ -160,9 +160,13 @@ def current_generation(database: Database, campaign_id: str) -> int | None:
 
 
 def committee_documents(
-    database: Database, campaign_id: str, generation: int | None = None
+    database: Database, campaign_id: str, generation: int | None = None, healthy: bool = False
 ) -> list[dict]:
-    """Registry documents of a generation's members (default: the current one), by member."""
+    """Registry documents of a generation's members (default: the current one), by member.
+
+    ``healthy``: only the members whose training did not diverge (those that sample,
+    score frames and report errors); an error if none is left.
+    """
     if generation is None:
         generation = current_generation(database, campaign_id)
         if generation is None:
@@ -178,6 +182,13 @@ def committee_documents(
         raise RegistryError(
             f"campaign {campaign_id!r} has no models of generation {generation} in the registry"
         )
+    if healthy:
+        documents = [document for document in documents if not document.get("diverged")]
+        if not documents:
+            raise RegistryError(
+                f"campaign {campaign_id!r}: every member of generation {generation} diverged "
+                "in training; lower training.learning_rate and submit the campaign again"
+            )
     return documents
 
 
@@ -236,6 +247,7 @@ SEGMENTS = "segments"
 FRAME_POOL = "frame_pool"
 SELECTIONS = "selections"
 BUDGET_CLAIMS = "budget_claims"
+TRAINING_SNAPSHOTS = "training_snapshots"
 # FireWorks' own collections, read here only to find a campaign's jobs and workflows
 FIREWORKS = "fireworks"
 WORKFLOWS = "workflows"
@@ -285,8 +297,7 @@ def create_campaign(database: Database, campaign_id: str, name: str, spec: dict)
         "training": {
             "running": False,
             "generation": NO_GENERATION,
-            "max_sequence": 0,
-            "rounds": {},
+            "trained_results": 0,
         },
         "followed_up_generation": NO_GENERATION,
         "selection": {"pending": False, "count": 0},
@@ -405,64 +416,97 @@ def store_reference_result(database: Database, document: dict) -> bool:
     return True
 
 
+def calibrated_results(database: Database, campaign_id: str) -> list[dict]:
+    """Results that carry a calibration record (prediction beside error), oldest first."""
+    query = {"campaign_id": campaign_id, "calibration": {"$exists": True}}
+    found = database[REFERENCE_RESULTS].find(query, {"calibration": 1}).sort("sequence", 1)
+    return list(found)
+
+
 def find_reference_result(database: Database, result_id: str) -> dict | None:
     return database[REFERENCE_RESULTS].find_one({"_id": result_id})
 
 
-def training_results(database: Database, campaign_id: str, max_sequence: int) -> list[dict]:
-    """Successful reference results up to a sequence number, in order: a round's training set."""
-    query = {"campaign_id": campaign_id, "success": True, "sequence": {"$lte": max_sequence}}
-    return list(database[REFERENCE_RESULTS].find(query).sort("sequence", 1))
+def snapshot_training_set(database: Database, campaign_id: str, generation: int) -> None:
+    """Record, once, the results a generation trains on: every successful one stored now.
+
+    Every member of the generation reads this one list, so all train on the same
+    frames, whatever arrives while they train. A re-run keeps the first snapshot.
+    """
+    query = {"campaign_id": campaign_id, "success": True}
+    found = database[REFERENCE_RESULTS].find(query, {"_id": 1}).sort("sequence", 1)
+    database[TRAINING_SNAPSHOTS].update_one(
+        {"_id": f"{campaign_id}-g{generation:03d}"},
+        {
+            "$setOnInsert": {
+                "campaign_id": campaign_id,
+                "generation": generation,
+                "result_ids": [document["_id"] for document in found],
+                "taken_at": now(),
+            }
+        },
+        upsert=True,
+    )
+
+
+def training_results(database: Database, campaign_id: str, generation: int) -> list[dict]:
+    """The reference results of a generation's training snapshot, in the order stored."""
+    snapshot = database[TRAINING_SNAPSHOTS].find_one({"_id": f"{campaign_id}-g{generation:03d}"})
+    if snapshot is None:
+        raise RegistryError(
+            f"campaign {campaign_id!r} has no training snapshot of generation "
+            f"{generation}: its training round was never claimed"
+        )
+    ids = snapshot["result_ids"]
+    found = {doc["_id"]: doc for doc in database[REFERENCE_RESULTS].find({"_id": {"$in": ids}})}
+    return [found[result_id] for result_id in ids]
 
 
 def count_results(database: Database, campaign_id: str, **conditions) -> int:
     return database[REFERENCE_RESULTS].count_documents({"campaign_id": campaign_id, **conditions})
 
 
-def newest_sequence(database: Database, campaign_id: str) -> int:
-    """Sequence number of the newest successful result (0 before any)."""
-    newest = database[REFERENCE_RESULTS].find_one(
-        {"campaign_id": campaign_id, "success": True}, sort=[("sequence", -1)]
-    )
-    return newest["sequence"] if newest else 0
-
-
 def claim_training_round(
-    database: Database, campaign_id: str, newest: int, required_new: int, owner: str
+    database: Database, campaign_id: str, required_new: int, owner: str
 ) -> int | None:
     """Start the next training generation if none is running and enough new data arrived.
 
-    One conditional update (on the generation read just before), so two workers
-    never start the same round. The round trains on every successful result up
-    to sequence ``newest``. Returns the generation to train, or None. The claim
-    names its ``owner`` (a job uuid) and time: a re-run of the owner after a crash
-    gets its running round back, and adds the jobs the dead run never handed over.
+    One conditional update (on the generation and the count of successful results
+    read just before), so two workers never start the same round; the claimer then
+    records the round's training set (:func:`snapshot_training_set`). Returns the
+    generation to train, or None. The claim names its ``owner`` (a job uuid) and
+    time: a re-run of the owner after a crash gets its running round back, and adds
+    the jobs the dead run never handed over.
     """
     training = get_campaign(database, campaign_id)["training"]
     if training["running"] and training.get("owner") == owner:
-        return training["generation"]
-    generation = training["generation"] + 1
-    before = database[CAMPAIGNS].find_one_and_update(
-        {
-            "_id": campaign_id,
-            "status": RUNNING,
-            "training.running": False,
-            "training.generation": generation - 1,
-            "training.max_sequence": {"$lte": newest - required_new},
-        },
-        {
-            "$set": {
-                "training.running": True,
-                "training.generation": generation,
-                "training.max_sequence": newest,
-                f"training.rounds.{generation}": newest,
-                "training.owner": owner,
-                "training.claimed_at": now(),
-            }
-        },
-        projection={"_id": 1},
-    )
-    return None if before is None else generation
+        generation = training["generation"]
+    else:
+        results = count_results(database, campaign_id, success=True)
+        generation = training["generation"] + 1
+        before = database[CAMPAIGNS].find_one_and_update(
+            {
+                "_id": campaign_id,
+                "status": RUNNING,
+                "training.running": False,
+                "training.generation": generation - 1,
+                "training.trained_results": {"$lte": results - required_new},
+            },
+            {
+                "$set": {
+                    "training.running": True,
+                    "training.generation": generation,
+                    "training.trained_results": results,
+                    "training.owner": owner,
+                    "training.claimed_at": now(),
+                }
+            },
+            projection={"_id": 1},
+        )
+        if before is None:
+            return None
+    snapshot_training_set(database, campaign_id, generation)
+    return generation
 
 
 def claim_generation_follow_up(
@@ -669,20 +713,29 @@ def claim_pooled_frames(database: Database, campaign_id: str, selection_id: str)
     return list(database[FRAME_POOL].find({"selection_id": selection_id}).sort("_id", 1))
 
 
-def store_selection(database: Database, document: dict, spreads: dict[str, float]) -> bool:
+def store_selection(
+    database: Database,
+    document: dict,
+    uncertainties: dict[str, float],
+    predictions: dict[str, dict],
+) -> bool:
     """Record a selection and mark its frames selected or discarded; False if done before.
 
-    Each frame's committee ``spread`` goes onto its own frame document, so the
-    selection document holds only the frames picked (at most the budget): it stays
-    small however many frames were scored.
+    Each frame's committee ``uncertainty`` goes onto its own frame document, and each
+    selected frame's ``prediction`` (the committee's mean energy and forces, for its
+    calibration record once computed), so the selection document holds only the
+    frames picked (at most the budget): it stays small however many were scored.
     """
     try:
         database[SELECTIONS].insert_one(document | {"stored_at": now()})
     except pymongo.errors.DuplicateKeyError:
         return False
     # one update per frame: the embedded store (mongomock) cannot bulk_write with pymongo 4
-    for frame_id, spread in spreads.items():
-        database[FRAME_POOL].update_one({"_id": frame_id}, {"$set": {"spread": spread}})
+    for frame_id, uncertainty in uncertainties.items():
+        values = {"uncertainty": uncertainty}
+        if frame_id in predictions:
+            values["prediction"] = predictions[frame_id]
+        database[FRAME_POOL].update_one({"_id": frame_id}, {"$set": values})
     selected = document["selected"]
     database[FRAME_POOL].update_many({"_id": {"$in": selected}}, {"$set": {"status": SELECTED}})
     database[FRAME_POOL].update_many(

@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from fff_jobs import database as db
+from fff_jobs.calibration import CalibrationRecord, calibration_summary
 from fff_jobs.structures import Frame, StructureError, read_structures
 
 PROVENANCE = ("source", "trajectory_id", "segment", "generation", "selection_id", "frame_id")
@@ -64,8 +65,17 @@ def campaign_status(database, launchpad, campaign_id: str) -> dict:
         "audits": len(audits),
         "audit_pass_rate": passed / len(audits) if audits else None,
         "recent_audit_errors": [doc["audit"]["error_per_atom"] for doc in audits[-5:]],
+        "calibration": calibration_summary(calibration_records(database, campaign_id)),
         "jobs": job_states(launchpad, campaign_id),
     }
+
+
+def calibration_records(database, campaign_id: str) -> list[CalibrationRecord]:
+    """Predicted uncertainty beside actual error of every computed frame that had a prediction."""
+    return [
+        CalibrationRecord.model_validate(doc["calibration"])
+        for doc in db.calibrated_results(database, campaign_id)
+    ]
 
 
 def problems(database, campaign_id: str, trajectories: list[dict], last: int = 3) -> list[str]:
@@ -100,6 +110,7 @@ def learning_curve(database, campaign_id: str) -> list[dict]:
             "validation_force_mae": generation["validation_force_mae"],
             "validation_energy_mae_per_atom": generation["validation_energy_mae_per_atom"],
             "audit_error_per_atom": None,
+            "audit_tolerance": None,
         }
         for generation in campaign["generations"]
     ]
@@ -115,6 +126,7 @@ def learning_curve(database, campaign_id: str) -> list[dict]:
                     "validation_force_mae": None,
                     "validation_energy_mae_per_atom": None,
                     "audit_error_per_atom": doc["audit"]["error_per_atom"],
+                    "audit_tolerance": doc["audit"].get("tolerance"),
                 }
             )
     if not campaign["generations"]:
@@ -161,8 +173,9 @@ def holdout_errors(database, campaign_id: str, frames: list[Atoms]) -> dict[int,
 
 def write_report(
     database, campaign_id: str, directory: Path, holdout: list[Atoms] | None = None
-) -> tuple[Path, Path]:
-    """The learning curve as CSV and PNG in ``directory`` (with hold-out errors if given)."""
+) -> tuple[Path, ...]:
+    """The learning curve and the calibration as CSV and PNG in ``directory`` (with hold-out
+    errors if given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,18 +211,54 @@ def write_report(
         top.legend(["validation", "hold-out"])
     top.set_ylabel("force MAE (eV/Å)")
     top.set_title(f"campaign {campaign_id}")
-    bottom.semilogy(
-        [row["reference_spent"] for row in audits],
-        [1000 * row["audit_error_per_atom"] for row in audits],
-        ".",
-    )
-    tolerance = db.get_campaign(database, campaign_id)["spec"]["audit"]["energy_tolerance"]
-    bottom.axhline(1000 * tolerance, color="grey", linestyle="--", label="audit tolerance")
+    spent = [row["reference_spent"] for row in audits]
+    bottom.semilogy(spent, [1000 * row["audit_error_per_atom"] for row in audits], ".")
+    tolerances = [row["audit_tolerance"] for row in audits]
+    if audits and None not in tolerances:
+        bottom.step(spent, [1000 * t for t in tolerances], "--", color="grey", where="mid")
     bottom.set_ylabel("audit |E_ML - E_ref| (meV/atom)")
     bottom.set_xlabel("reference calculations spent")
-    bottom.legend()
+    bottom.legend(["audit error", "its tolerance"])
     figure.tight_layout()
     png_path = directory / f"{campaign_id}-learning-curve.png"
+    figure.savefig(png_path, dpi=120)
+    plt.close(figure)
+    return csv_path, png_path, *write_calibration(database, campaign_id, directory)
+
+
+def write_calibration(database, campaign_id: str, directory: Path) -> tuple[Path, ...]:
+    """Predicted force deviation against actual force error, as CSV and a log-log PNG."""
+    import matplotlib.pyplot as plt
+
+    records = calibration_records(database, campaign_id)
+    if not records:
+        return ()
+    csv_path = directory / f"{campaign_id}-calibration.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(CalibrationRecord.model_fields))
+        writer.writeheader()
+        writer.writerows(record.model_dump() for record in records)
+    summary = calibration_summary(records)
+    figure, axis = plt.subplots(figsize=(5, 5))
+    points = axis.scatter(
+        [r.force_deviation for r in records],
+        [r.force_error for r in records],
+        c=[r.generation for r in records],
+        s=12,
+    )
+    figure.colorbar(points, label="generation that predicted")
+    values = [v for r in records for v in (r.force_deviation, r.force_error) if v > 0]
+    if values:
+        low, high = min(values), max(values)
+        axis.plot([low, high], [low, high], ":", color="grey")
+    axis.set(xscale="log", yscale="log")
+    axis.set_xlabel("predicted: committee force deviation (eV/Å)")
+    axis.set_ylabel("actual: largest force error (eV/Å)")
+    correlation = summary["rank_correlation"]
+    label = "n/a" if correlation is None else f"{correlation:.2f}"
+    axis.set_title(f"{len(records)} frames, rank correlation {label}")
+    figure.tight_layout()
+    png_path = directory / f"{campaign_id}-calibration.png"
     figure.savefig(png_path, dpi=120)
     plt.close(figure)
     return csv_path, png_path

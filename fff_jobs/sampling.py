@@ -3,15 +3,17 @@
 A segment runs velocity Verlet (or Langevin) from Maxwell-Boltzmann velocities, keeps
 up to `num_frames` evenly spaced frames, and ends early when a guard (an observer on
 the dynamics) sees overlapping atoms, huge forces, a cluster flying apart or
-non-finite values. The audit compares the sampling model's energy of the final frame
-with the reference and decides whether the trajectory continues or restarts, and how
-long its next segment runs.
+non-finite values, or when the committee's uncertainty passes a threshold: that
+frame is where the model stops knowing, and the audit sends it to the reference. The
+audit compares the committee's energy of the final frame with the reference and
+decides whether the trajectory continues or restarts; passed audits lengthen the next
+segment, failed ones shorten it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -30,7 +32,9 @@ from scipy.spatial.distance import pdist
 from fff_jobs.spec import AuditSettings, MDSettings
 from fff_jobs.structures import Frame
 
-Flag = Literal["non_finite", "close_atoms", "large_forces", "flying_apart"]
+Flag = Literal["non_finite", "close_atoms", "large_forces", "flying_apart", "uncertain"]
+# "uncertain" ends a segment where the committee disagrees: not a failure, a frame to learn
+FAILURES = ("non_finite", "close_atoms", "large_forces", "flying_apart")
 
 
 class Segment(BaseModel):
@@ -43,6 +47,7 @@ class Segment(BaseModel):
     steps: int  # steps actually run
     flag: Flag | None = None  # the guard that ended the segment early
     detail: str | None = None
+    uncertainty: float | None = None  # the last value the uncertainty guard computed
     wall_time: float  # s
 
 
@@ -147,6 +152,29 @@ class ForceGuard:
             self.log.fire("large_forces", f"force {largest:.3g} eV/A above {self.max_force}")
 
 
+class UncertaintyGuard:
+    """Fires when the committee's uncertainty of the current frame passes `threshold`.
+
+    ``estimate`` maps the atoms to the uncertainty (the committee's largest per-atom
+    force deviation, eV/A, or its energy spread, eV/atom); it runs every
+    `uncertainty_interval` steps, since it costs a whole committee evaluation.
+    """
+
+    def __init__(
+        self, atoms: Atoms, log: GuardLog, estimate: Callable[[Atoms], float], threshold: float
+    ) -> None:
+        self.atoms, self.log, self.estimate, self.threshold = atoms, log, estimate, threshold
+        self.last: float | None = None
+
+    def __call__(self) -> None:
+        """Estimate the current frame's uncertainty; stop the segment above the threshold."""
+        if self.log.flag is not None:
+            return
+        self.last = float(self.estimate(self.atoms))
+        if self.last > self.threshold:
+            self.log.fire("uncertain", f"uncertainty {self.last:.3g} above {self.threshold:.3g}")
+
+
 class FrameRecorder:
     """Keeps the frames at the chosen steps (and their energies), unless they are non-finite."""
 
@@ -168,20 +196,22 @@ def kept_steps(num_steps: int, num_frames: int) -> set[int]:
     return {int(s) for s in np.round(np.linspace(num_steps / count, num_steps, count))}
 
 
-def make_dynamics(atoms: Atoms, settings: MDSettings, seed: int) -> MolecularDynamics:
-    """Velocity Verlet, or Langevin at the temperature; draws velocities if the atoms have none."""
+def make_dynamics(
+    atoms: Atoms, settings: MDSettings, seed: int, temperature: float | None = None
+) -> MolecularDynamics:
+    """Velocity Verlet, or Langevin at `temperature` (K; default: the lowest of the settings');
+    draws velocities for atoms at rest."""
+    temperature = temperature or settings.temperatures[0]
     rng = np.random.default_rng(seed)
     if not atoms.has("momenta") or not atoms.get_momenta().any():
-        thermalize_momenta(atoms, settings.temperature, rng=rng)
+        thermalize_momenta(atoms, temperature, rng=rng)
         Stationary(atoms)
         if not atoms.pbc.any():
             ZeroRotation(atoms)
     timestep = settings.timestep * units.fs
     if settings.thermostat == "langevin":
         friction = settings.friction / units.fs
-        return Langevin(
-            atoms, timestep, temperature_K=settings.temperature, friction=friction, rng=rng
-        )
+        return Langevin(atoms, timestep, temperature_K=temperature, friction=friction, rng=rng)
     return VelocityVerlet(atoms, timestep)
 
 
@@ -203,14 +233,25 @@ def run_segment(
     num_steps: int | None = None,
     num_frames: int | None = None,
     seed: int = 0,
+    temperature: float | None = None,
+    uncertainty: Callable[[Atoms], float] | None = None,
 ) -> Segment:
-    """Run one MD segment from `atoms` (its velocities, or fresh ones) with guards attached."""
+    """Run one MD segment from `atoms` (its velocities, or fresh ones) with guards attached.
+
+    `temperature` defaults to the lowest of the settings' temperatures. With an
+    `uncertainty` estimate, the segment also stops at the first checked frame whose
+    uncertainty passes `settings.uncertainty_threshold`.
+    """
     num_steps = num_steps or settings.run_length
     start = time.perf_counter()
     work = atoms.copy()
     work.calc = calculator
-    dynamics = make_dynamics(work, settings, seed)
+    dynamics = make_dynamics(work, settings, seed, temperature)
     log = attach_guards(dynamics, settings)
+    guard = None
+    if uncertainty is not None and settings.uncertainty_threshold is not None:
+        guard = UncertaintyGuard(work, log, uncertainty, settings.uncertainty_threshold)
+        dynamics.attach(guard, interval=settings.uncertainty_interval)
     recorder = FrameRecorder(work, log, kept_steps(num_steps, num_frames or settings.num_frames))
     dynamics.attach(recorder, interval=1)
     dynamics.run(num_steps)
@@ -223,6 +264,7 @@ def run_segment(
         steps=dynamics.nsteps,
         flag=log.flag,
         detail=log.detail,
+        uncertainty=guard.last if guard else None,
         wall_time=time.perf_counter() - start,
     )
 
@@ -246,65 +288,66 @@ class AuditDecision(BaseModel):
     action: Literal["continue", "restart"]
     reason: str
     error_per_atom: float | None  # |E_ML - E_ref| / n_atoms, eV/atom
-    error_per_step: float | None  # error_per_atom / steps; joins the recent errors
+    tolerance: float  # eV/atom, the tolerance this audit applied
     run_length: int  # steps of the next segment
 
 
-def next_run_length(
-    errors_per_step: Sequence[float], run_length: int, settings: AuditSettings
-) -> int:
-    """tolerance / median of the recent errors per step, clipped to [min, max] run length.
+def next_run_length(run_length: int, passed: bool, settings: AuditSettings) -> int:
+    """A passed audit multiplies the run length by `growth`, a failed one divides it by it.
 
-    Only the last `error_history` finite values count; with none, `run_length` is kept
-    (clipped); a median of zero gives the longest run.
+    Clipped to [min_run_length, max_run_length]: trajectories that keep passing reach
+    picosecond segments; one that fails goes back to short, closely audited ones.
     """
-    recent = np.asarray(errors_per_step, dtype=float)[-settings.error_history :]
-    recent = recent[np.isfinite(recent)]
-    if recent.size == 0:
-        length = run_length
-    else:
-        median = float(np.median(recent))
-        length = settings.max_run_length if median <= 0 else settings.energy_tolerance / median
+    length = run_length * settings.growth if passed else run_length / settings.growth
     return int(np.clip(round(length), settings.min_run_length, settings.max_run_length))
+
+
+def audit_tolerance(settings: AuditSettings, energy_error: float | None) -> float:
+    """The energy tolerance of an audit (eV/atom), from what the committee can reach.
+
+    `tolerance_factor` times the committee's out-of-sample energy error per atom
+    (``energy_error``), within [energy_tolerance, max_energy_tolerance]: a frame the
+    model gets about as right as the frames it was validated on passes, so trajectories
+    advance where the model is good. Without a factor, or an error to scale, the
+    tolerance is `energy_tolerance`.
+    """
+    if settings.tolerance_factor is None or energy_error is None or not np.isfinite(energy_error):
+        return settings.energy_tolerance
+    scaled = settings.tolerance_factor * energy_error
+    return float(np.clip(scaled, settings.energy_tolerance, settings.max_energy_tolerance))
 
 
 def audit_decision(
     ml_energy: float | None,
     reference_energy: float | None,
     n_atoms: int,
-    steps: int,
     flag: Flag | None,
-    errors_per_step: Sequence[float],
     run_length: int,
+    tolerance: float,
     settings: AuditSettings,
 ) -> AuditDecision:
-    """Continue if |E_ML - E_ref| / n_atoms < tolerance and no guard fired, else restart.
+    """Continue if |E_ML - E_ref| / n_atoms < tolerance and no guard failed, else restart.
 
-    A failed reference calculation counts as an error of `failed_audit_error` eV/atom,
-    as in the original, so the next segments get shorter. `errors_per_step` are the
-    trajectory's (or campaign's) recent values, oldest first, without this audit.
+    A segment that the uncertainty guard ended is audited like any other: its final
+    frame is where the committee disagreed, and the reference decides.
     """
     error = None
     if reference_energy is not None and ml_energy is not None and np.isfinite(ml_energy):
         error = abs(ml_energy - reference_energy) / n_atoms
-    counted = settings.failed_audit_error if reference_energy is None else error
-    per_step = counted / steps if counted is not None and steps > 0 else None
-    history = [*errors_per_step, per_step] if per_step is not None else list(errors_per_step)
-    length = next_run_length(history, run_length, settings)
-    if flag is not None:
+    if flag in FAILURES:
         action, reason = "restart", f"guard {flag} ended the segment"
     elif reference_energy is None:
         action, reason = "restart", "the reference calculation failed"
     elif error is None:
-        action, reason = "restart", "the sampling model's energy is not finite"
-    elif error < settings.energy_tolerance:
-        action, reason = "continue", f"error {error:.3g} eV/atom below tolerance"
+        action, reason = "restart", "the model's energy is not finite"
+    elif error < tolerance:
+        action, reason = "continue", f"error {error:.3g} eV/atom below tolerance {tolerance:.3g}"
     else:
-        action, reason = "restart", f"error {error:.3g} eV/atom not below tolerance"
+        action, reason = "restart", f"error {error:.3g} eV/atom not below tolerance {tolerance:.3g}"
     return AuditDecision(
         action=action,
         reason=reason,
         error_per_atom=error,
-        error_per_step=per_step,
-        run_length=length,
+        tolerance=tolerance,
+        run_length=next_run_length(run_length, action == "continue", settings),
     )

@@ -1,8 +1,10 @@
 """Selection: which sampled frames the reference computes next, from the committee's predictions.
 
-Inputs are arrays: `energies` of shape (n_frames, n_members) holding each committee
-member's energy per atom (eV/atom) for each frame, and, for farthest-point selection,
-`descriptors` of shape (n_frames, d). Outputs are indices into the frames.
+Inputs are arrays: `uncertainty` of shape (n_frames,), the committee's uncertainty of
+each frame (its largest per-atom force deviation, or its energy spread); `energies` of
+shape (n_frames, n_members) holding each committee member's energy per atom (eV/atom)
+for each frame; and, for farthest-point selection, `descriptors` of shape (n_frames, d).
+Outputs are indices into the frames.
 
 A frame with any non-finite prediction (or descriptor) is never picked: a member that
 returned NaN says nothing reliable about that frame. Ties are broken by an order drawn
@@ -24,30 +26,40 @@ def committee_spread(energies: np.ndarray) -> np.ndarray:
 
 
 def select_frames(
-    energies: np.ndarray, settings: SelectionSettings, descriptors: np.ndarray | None = None
+    uncertainty: np.ndarray,
+    settings: SelectionSettings,
+    energies: np.ndarray | None = None,
+    descriptors: np.ndarray | None = None,
 ) -> np.ndarray:
     """Indices of up to `batch_size` frames, by the method the settings name."""
     if settings.method == "spread":
-        return select_by_spread(energies, settings.batch_size, settings.seed)
+        if energies is None:
+            raise ValueError("spread selection needs the members' energies (n_frames x members)")
+        return select_by_spread(energies, settings.batch_size, settings.seed, uncertainty)
     if descriptors is None:
         raise ValueError("farthest_point selection needs descriptors (n_frames x d)")
-    return select_farthest_point(
-        descriptors, committee_spread(energies), settings.batch_size, settings.seed
-    )
+    return select_farthest_point(descriptors, uncertainty, settings.batch_size, settings.seed)
 
 
-def select_by_spread(energies: np.ndarray, batch_size: int, seed: int = 0) -> np.ndarray:
-    """The original heuristic: pick the largest spread, drop what correlates with it, repeat.
+def select_by_spread(
+    energies: np.ndarray, batch_size: int, seed: int = 0, uncertainty: np.ndarray | None = None
+) -> np.ndarray:
+    """The original heuristic: pick the most uncertain, drop what correlates with it, repeat.
 
-    Each pick drops int(0.05 n) + 1 of the n remaining frames: those whose centred
-    committee-prediction vectors correlate most (|Pearson r|) with the picked one,
-    the picked one first. Stops when the batch is full or no frame remains.
+    The uncertainty defaults to the energy spread. Each pick drops int(0.05 n) + 1 of
+    the n remaining frames: those whose centred committee-prediction vectors correlate
+    most (|Pearson r|) with the picked one, the picked one first. Stops when the batch
+    is full or no frame remains.
     """
     energies = np.asarray(energies, dtype=float)
-    order = _candidates(np.isfinite(energies).all(axis=1), seed)
+    valid = np.isfinite(energies).all(axis=1)
+    if uncertainty is not None:
+        uncertainty = np.asarray(uncertainty, dtype=float)
+        valid &= np.isfinite(uncertainty)
+    order = _candidates(valid, seed)
     centred = energies[order] - energies[order].mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
-    spread = norms / np.sqrt(energies.shape[1])  # the standard deviation over members
+    spread = norms / np.sqrt(energies.shape[1]) if uncertainty is None else uncertainty[order]
     remaining = np.arange(order.size)
     picked: list[int] = []
     while len(picked) < batch_size and remaining.size:

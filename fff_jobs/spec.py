@@ -83,6 +83,9 @@ class TrainingSettings(Section):
         "full rate throws it out of its parent's minimum",
     )
     seed: int = Field(0, description="committee seed; each member derives its own from it")
+    max_attempts: int = Field(
+        3, ge=1, description="a member whose training diverges is trained again, with a new seed"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present")
 
 
@@ -219,7 +222,9 @@ class WaterClusterSettings(Section):
 class MDSettings(Section):
     """A segment of molecular dynamics: integrator, length, frames kept and the guards."""
 
-    temperature: float = Field(300.0, gt=0)  # K, Maxwell-Boltzmann velocities (and Langevin)
+    # K, Maxwell-Boltzmann velocities (and Langevin); a list is a ladder: trajectory i runs
+    # at the i-th temperature, round robin, so the campaign samples every one of them
+    temperature: float | list[float] = 300.0
     timestep: float = Field(0.5, gt=0, le=5)  # fs
     run_length: int = Field(100, gt=0)  # steps of a trajectory's first segment
     num_frames: int = Field(10, gt=0)  # frames kept per segment, evenly spaced
@@ -229,8 +234,17 @@ class MDSettings(Section):
     max_force: float = Field(20.0, gt=0)  # eV/A; a larger force ends the segment
     fragment_distance: float = Field(5.0, gt=0)  # A; pieces farther apart: flying apart
     guard_interval: int = Field(1, gt=0)  # steps between guard checks
+    # a segment stops at the first checked frame whose committee uncertainty (the campaign's
+    # `uncertainty`: eV/A for force, eV/atom for energy) passes this; null: never
+    uncertainty_threshold: float | None = Field(0.4, gt=0)
+    uncertainty_interval: int = Field(10, gt=0)  # steps between committee checks
     device: str = "auto"  # torch device of a MACE model; auto: cuda when available
     dtype: Literal["float32", "float64"] = "float64"
+
+    @property
+    def temperatures(self) -> list[float]:
+        """The temperature ladder (K): one temperature, or the list given."""
+        return self.temperature if isinstance(self.temperature, list) else [self.temperature]
 
     @model_validator(mode="after")
     def _distances(self) -> MDSettings:
@@ -239,17 +253,23 @@ class MDSettings(Section):
                 f"min_distance {self.min_distance} must be below "
                 f"fragment_distance {self.fragment_distance}"
             )
+        if not self.temperatures or min(self.temperatures) <= 0:
+            raise ValueError("temperature: give one temperature or a list, each above 0 K")
         return self
 
 
 class AuditSettings(Section):
     """When an audited segment may continue, and how long the next segment runs."""
 
-    energy_tolerance: float = Field(0.001, gt=0)  # eV/atom
+    # the tolerance on |E_ML - E_ref| per atom is tolerance_factor x the committee's
+    # out-of-sample energy error, within [energy_tolerance, max_energy_tolerance] (eV/atom);
+    # tolerance_factor null: energy_tolerance, fixed
+    energy_tolerance: float = Field(0.002, gt=0)
+    max_energy_tolerance: float = Field(0.02, gt=0)
+    tolerance_factor: float | None = Field(3.0, gt=0)
     min_run_length: int = Field(10, gt=0)  # steps
     max_run_length: int = Field(1000, gt=0)  # steps
-    error_history: int = Field(16, gt=0)  # recent audits whose median sets the run length
-    failed_audit_error: float = Field(10.0, gt=0)  # eV/atom counted for a failed reference
+    growth: float = Field(2.0, gt=1)  # a passed audit multiplies the run length, a failed divides
 
     @model_validator(mode="after")
     def _range(self) -> AuditSettings:
@@ -257,11 +277,21 @@ class AuditSettings(Section):
             raise ValueError(
                 f"min_run_length {self.min_run_length} > max_run_length {self.max_run_length}"
             )
+        if self.energy_tolerance > self.max_energy_tolerance:
+            raise ValueError(
+                f"energy_tolerance {self.energy_tolerance} > "
+                f"max_energy_tolerance {self.max_energy_tolerance}"
+            )
         return self
 
 
 class SelectionSettings(Section):
-    """How a batch of frames is picked from the committee's predictions."""
+    """How a batch of frames is picked from the committee's predictions.
+
+    spread: the most uncertain frame, dropping the frames whose committee predictions
+    correlate most with it, repeated (the original); farthest_point: uncertainty times
+    the distance to the nearest frame picked, in the committee's descriptor space.
+    """
 
     batch_size: int = Field(16, gt=0)
     method: Literal["spread", "farthest_point"] = "spread"
@@ -322,6 +352,9 @@ class CampaignSpec(Section):
     md: MDSettings = Field(default_factory=MDSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    # the committee's uncertainty, for selection and for stopping segments: force, the largest
+    # per-atom force deviation (eV/A); energy, the spread of the energy per atom (eV/atom)
+    uncertainty: Literal["force", "energy"] = "force"
     trajectories: int = Field(4, gt=0)  # trajectories kept running
     max_trajectory_failures: int = Field(5, gt=0)  # failed audits in a row retire a trajectory
     inference_chunk: int = Field(50, gt=0)  # pooled frames that start an inference-and-selection

@@ -89,9 +89,10 @@ def package_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in PACKAGES}
 
 
-def member_seed(committee_seed: int, generation: int, member: int) -> int:
-    """The seed of one member: distinct per (generation, member), reproducible from the spec."""
-    return int(np.random.SeedSequence([committee_seed, generation, member]).generate_state(1)[0])
+def member_seed(committee_seed: int, generation: int, member: int, attempt: int = 0) -> int:
+    """The seed of one member's training: distinct per (generation, member, attempt)."""
+    entropy = [committee_seed, generation, member] + ([attempt] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def check_training_frames(frames: Sequence[Atoms]) -> list[tuple[float, np.ndarray]]:
@@ -265,21 +266,51 @@ def build_model(hyperparameters: dict) -> torch.nn.Module:
         )
 
 
-def split_frames(
-    count: int, split: str, validation_fraction: float, seed: int
-) -> tuple[list, list]:
-    """Training and validation indices: a bootstrap resample and the frames it left out, or a
-    random split holding out ``validation_fraction`` (at least one frame each way)."""
-    rng = np.random.default_rng(seed)
+def split_key(committee_seed: int, member: int) -> int:
+    """The key of one member's split: the same in every generation, distinct per member."""
+    return int(np.random.SeedSequence([committee_seed, member, 0x5B1]).generate_state(1)[0])
+
+
+def _uniform(key: int, frame: str) -> float:
+    """A number in [0, 1) fixed by the member's split key and the frame's name."""
+    digest = hashlib.blake2b(f"{key}/{frame}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _poisson_one(uniform: float) -> int:
+    """The Poisson(1) count whose cumulative probability first exceeds ``uniform``."""
+    count, probability = 0, np.exp(-1.0)
+    cumulative = probability
+    while uniform >= cumulative and count < 20:
+        count += 1
+        probability /= count
+        cumulative += probability
+    return count
+
+
+def fixed_split(
+    frames: Sequence[str], key: int, split: str, validation_fraction: float
+) -> tuple[list[int], list[int]]:
+    """Training indices (repeated for a bootstrap) and validation indices of named frames.
+
+    Where a frame goes is a fixed function of its name and the member's ``key``, so a
+    frame keeps its place as the training set grows: a warm-started member has never
+    trained on its validation frames. ``random`` holds out a frame with probability
+    ``validation_fraction``; ``bootstrap`` draws each frame's count from Poisson(1) (the
+    Poisson bootstrap) and validates on those drawn zero times. Each side keeps at least
+    one frame: the lowest number validates, the highest trains.
+    """
+    draws = np.array([_uniform(key, frame) for frame in frames])
     if split == "random":
-        order = rng.permutation(count)
-        held_out = min(max(1, round(validation_fraction * count)), count - 1)
-        return sorted(order[held_out:].tolist()), sorted(order[:held_out].tolist())
-    while True:
-        drawn = rng.integers(0, count, size=count)
-        left_out = sorted(set(range(count)) - set(drawn.tolist()))
-        if left_out:
-            return sorted(drawn.tolist()), left_out
+        counts = (draws >= validation_fraction).astype(int)
+    else:
+        counts = np.array([_poisson_one(draw) for draw in draws])
+    if len(frames) >= 2 and not (counts == 0).any():
+        counts[int(np.argmin(draws))] = 0
+    if len(frames) >= 2 and not counts.any():
+        counts[int(np.argmax(draws))] = 1
+    training = [index for index, count in enumerate(counts) for _ in range(count)]
+    return training, np.flatnonzero(counts == 0).tolist()
 
 
 class _DiscardMetrics:
@@ -449,16 +480,21 @@ def train_member(
     training_settings: TrainingSettings,
     seed: int,
     parent: tuple[dict, dict] | None = None,
+    split: tuple[list[int], list[int]] | None = None,
 ) -> TrainedMember:
     """Train one committee member on its own split of ``frames``; keep its best model.
 
     ``parent`` (hyperparameters, state dict) warm-starts it from a member of the
-    previous generation, whose architecture and E0s it then keeps.
+    previous generation, whose architecture and E0s it then keeps. ``split`` gives the
+    training and validation indices (default: :func:`fixed_split` of the frames'
+    positions, keyed by ``seed``).
     """
     start = time.perf_counter()
     labels = check_training_frames(frames)
     settings = training_settings
-    split = split_frames(len(frames), settings.split, settings.validation_fraction, seed)
+    if split is None:
+        names = [str(index) for index in range(len(frames))]
+        split = fixed_split(names, seed, settings.split, settings.validation_fraction)
     torch.manual_seed(seed)
     hyperparameters, state = _starting_point(model_settings, frames, labels, split[0], parent)
     model = build_model(hyperparameters)

@@ -93,6 +93,45 @@ def test_campaign_spends_its_budget_exactly_and_trains_several_generations(finis
     assert last["training_set_size"] == sum(r["success"] for r in results)
 
 
+def test_each_generation_trains_on_one_snapshot_and_reports_out_of_sample_errors(
+    finished_campaign,
+):
+    project, campaign_id = finished_campaign
+    stored = stored_database(project)
+    snapshots = {s["generation"]: s["result_ids"] for s in stored["training_snapshots"]}
+    assert sorted(snapshots) == sorted({m["generation"] for m in stored["models"]})
+    for model in stored["models"]:
+        assert model["training_set_size"] == len(snapshots[model["generation"]])
+        assert not model["diverged"] and model["attempts"] >= 1
+    for generation in campaign_document(project, campaign_id)["generations"]:
+        assert 0 < generation["validation_frames"] <= generation["training_set_size"]
+        assert 0 < generation["validation_force_mae"] <= generation["validation_force_rmse"]
+        assert generation["healthy_members"] == 2
+
+
+def test_trajectories_run_on_every_size_at_the_ladder_temperatures(finished_campaign):
+    project, _ = finished_campaign
+    trajectories = stored_database(project)["trajectories"]
+    assert sorted(t["temperature"] for t in trajectories) == [300.0, 500.0]
+    assert sorted(len(t["start_frame"]["numbers"]) for t in trajectories) == [6, 9]
+
+
+def test_computed_frames_keep_their_predicted_uncertainty_beside_their_error(finished_campaign):
+    project, campaign_id = finished_campaign
+    results = stored_database(project)["reference_results"]
+    budgeted = [r for r in results if r["source"] != "initial" and r["success"]]
+    calibrated = [r for r in budgeted if "calibration" in r]
+    active = [r for r in budgeted if r["source"] == "active"]
+    assert active and all("calibration" in r for r in active)
+    assert len(calibrated) > len(active)  # audits too: the committee predicted their frame
+    for result in calibrated:
+        record = result["calibration"]
+        assert record["force_deviation"] >= 0 and record["force_error"] > 0
+        assert record["generation"] <= result["generation"] + 1
+    status = run(project, "fff", "status", campaign_id)
+    assert f"{len(calibrated)} frames, rank correlation" in status.stdout
+
+
 def test_every_job_completed_on_a_worker_of_its_category(finished_campaign):
     project, _ = finished_campaign
     fireworks = lpad_fireworks(project)
@@ -148,6 +187,10 @@ def test_status_report_and_export_work_on_the_finished_campaign(finished_campaig
         rows = list(csv.DictReader(handle))
     assert [row["kind"] for row in rows].count("generation") >= 2
     assert (tmp_path / f"{campaign_id}-learning-curve.png").stat().st_size > 1000
+    with (tmp_path / f"{campaign_id}-calibration.csv").open() as handle:
+        calibration = list(csv.DictReader(handle))
+    assert calibration and float(calibration[0]["force_error"]) > 0
+    assert (tmp_path / f"{campaign_id}-calibration.png").stat().st_size > 1000
 
     export = run(project, "fff", "export", campaign_id, "--output", str(tmp_path))
     assert export.returncode == 0, export.stderr

@@ -198,3 +198,75 @@ def test_jobs_train_register_warm_start_and_score(mongo_database, monkeypatch):
     scores = run_locally(inference, store=store, ensure_success=True)[inference.uuid][1].output
     assert scores["generation"] == 1 and scores["models"] == ["water-g001-m00"]
     assert len(scores["energy_per_atom_std"]) == 3 and len(scores["descriptors"]) == 3
+
+
+def test_diverged_members_take_no_part_in_the_committee(mongo_database, members):
+    register(mongo_database, members[0], 0)
+    record = {
+        "campaign_id": CAMPAIGN,
+        "generation": 0,
+        "member": 1,
+        "committee_size": 2,
+        "hyperparameters": members[1].hyperparameters,
+        "diverged": "training diverged: validation loss nan in every epoch",
+    }
+    registry.register_member(mongo_database, record, members[1].model.state_dict())
+    documents, models = load_committee(mongo_database, CAMPAIGN, device="cpu")
+    assert [document["member"] for document in documents] == [0] and len(models) == 1
+    everyone = registry.committee_documents(mongo_database, CAMPAIGN)
+    assert [document["member"] for document in everyone] == [0, 1]  # still registered
+    mongo_database[registry.MODELS].update_one(
+        {"_id": "water-g000-m00"}, {"$set": {"diverged": "training diverged"}}
+    )
+    with pytest.raises(registry.RegistryError, match="every member of generation 0 diverged"):
+        load_committee(mongo_database, CAMPAIGN, device="cpu")
+
+
+def stored_results(database, campaign_id: str, frames, name: str) -> None:
+    """Labelled frames stored as a campaign's successful reference results."""
+    from fff_jobs.reference import ReferenceResult
+    from fff_jobs.structures import Frame
+
+    for index, atoms in enumerate(frames):
+        result = ReferenceResult(
+            frame=Frame.from_atoms(atoms), success=True, energy=atoms.get_potential_energy(),
+            forces=atoms.get_forces().tolist(), wall_time=0.1, host="here", code="morse",
+        )  # fmt: skip
+        document = {"_id": f"{campaign_id}-{name}-{index:05d}", "campaign_id": campaign_id}
+        document |= {"source": "initial"} | result.model_dump(mode="json")
+        registry.store_reference_result(database, document)
+
+
+def test_a_generation_trains_on_one_snapshot_and_retrains_a_diverged_member(
+    mongo_database, monkeypatch
+):
+    """Members of one generation read the results recorded when the round was claimed, even
+    if more arrive meanwhile; a member whose training diverges is trained again."""
+    import fff_jobs.training
+    from fff_jobs import campaign
+    from fff_jobs.spec import CampaignSpec
+
+    spec = CampaignSpec.from_yaml("tests/specs/tiny_water.yaml")
+    spec.model, spec.training = TINY_MODEL, SETTINGS
+    registry.create_campaign(mongo_database, "snap", "snap", spec.model_dump(mode="json"))
+    stored_results(mongo_database, "snap", labelled_frames(10), "first")
+    assert registry.claim_training_round(mongo_database, "snap", 1, "owner") == 0
+    real_training, seeds = fff_jobs.training.train_member, []
+
+    def diverging_first(frames, model, training, seed, parent=None, split=None):
+        seeds.append(seed)
+        trained = real_training(frames, model, training, seed, parent, split)
+        if len(seeds) == 1:
+            trained.history = [row | {"validation_loss": float("nan")} for row in trained.history]
+        return trained
+
+    monkeypatch.setattr(fff_jobs.training, "train_member", diverging_first)
+    first = campaign._train_and_register(mongo_database, "snap", spec, 0, 0)
+    stored_results(mongo_database, "snap", labelled_frames(3, seed=5), "late")  # meanwhile
+    second = campaign._train_and_register(mongo_database, "snap", spec, 0, 1)
+    assert first["attempts"] == 2 and first["diverged"] is None
+    assert seeds[0] != seeds[1]  # the retry drew a new seed
+    assert second["attempts"] == 1
+    assert first["training_set_size"] == second["training_set_size"] == 10
+    assert first["training_set_hash"] == second["training_set_hash"]
+    assert registry.claim_training_round(mongo_database, "snap", 1, "other") is None  # running

@@ -114,11 +114,16 @@ def test_campaign_and_selection_documents_stay_small_however_many_claims_and_fra
     mongo_database[db.FRAME_POOL].insert_many(frames)
     selection_id = db.selection_id(campaign_id, 0)
     claimed = db.claim_pooled_frames(mongo_database, campaign_id, selection_id)
-    spreads = {frame["_id"]: 0.001 * index for index, frame in enumerate(claimed)}
+    uncertainties = {frame["_id"]: 0.001 * index for index, frame in enumerate(claimed)}
+    predictions = {"f00001": {"generation": 0, "energy": -1.0, "forces": [[0.0, 0.0, 0.0]]}}
     document = {"_id": selection_id, "campaign_id": campaign_id, "selected": ["f00001"]}
-    assert db.store_selection(mongo_database, document | {"scored": len(claimed)}, spreads)
+    document |= {"scored": len(claimed)}
+    assert db.store_selection(mongo_database, document, uncertainties, predictions)
     assert len(bson.encode(db.get_selection(mongo_database, selection_id))) < 1000
-    assert mongo_database[db.FRAME_POOL].find_one({"_id": "f00399"})["spread"] == spreads["f00399"]
+    last = mongo_database[db.FRAME_POOL].find_one({"_id": "f00399"})
+    assert last["uncertainty"] == uncertainties["f00399"] and "prediction" not in last
+    picked = mongo_database[db.FRAME_POOL].find_one({"_id": "f00001"})
+    assert picked["prediction"] == predictions["f00001"]
 
 
 def test_a_selection_whose_job_is_gone_is_released_and_its_frames_pooled(mongo_database):

@@ -18,7 +18,13 @@ from pydantic import ValidationError
 
 from fff_jobs.jobs.sampling import AuditMaker, SegmentMaker
 from fff_jobs.reference import make_calculator
-from fff_jobs.sampling import audit_decision, kept_steps, next_run_length, run_segment
+from fff_jobs.sampling import (
+    audit_decision,
+    audit_tolerance,
+    kept_steps,
+    next_run_length,
+    run_segment,
+)
 from fff_jobs.spec import AuditSettings, CalculatorSpec, MDSettings, ReferenceSettings
 from fff_jobs.structures import StructureError, water_molecule
 
@@ -164,48 +170,95 @@ def test_non_finite_guard_rewinds_to_the_last_finite_frame():
     assert len(segment.frames) == segment.steps - 1  # the NaN step itself is not kept
 
 
-def test_audit_continues_below_the_tolerance_and_sets_the_run_length():
-    decision = audit_decision(-10.00, -10.03, 3, 100, None, [], 50, TIGHT)
+def test_uncertainty_guard_stops_the_segment_at_the_first_uncertain_frame():
+    """The committee is asked every uncertainty_interval steps; the first frame above the
+    threshold ends the segment and becomes the frame the audit computes."""
+    cluster = Icosahedron("Ar", 2)
+    asked = []
+
+    def uncertainty(atoms: Atoms) -> float:  # grows as the cluster leaves its start
+        asked.append(len(asked))
+        return float(np.abs(atoms.positions - cluster.positions).max())
+
+    settings = MDSettings(
+        timestep=2.0, temperature=200, uncertainty_threshold=0.05, uncertainty_interval=5
+    )
+    segment = run_segment(cluster, LennardJones(**ARGON_LJ), settings, 400, seed=2,
+                          uncertainty=uncertainty)  # fmt: skip
+    assert segment.flag == "uncertain" and segment.steps < 400
+    assert segment.steps % 5 == 0 and len(asked) == segment.steps // 5 + 1  # step 0 too
+    assert segment.uncertainty > 0.05
+    moved = np.abs(segment.final_frame.positions - cluster.positions).max()
+    assert moved == pytest.approx(segment.uncertainty)
+    calm = settings.model_copy(update={"uncertainty_threshold": None})
+    unbounded = run_segment(cluster, LennardJones(**ARGON_LJ), calm, 40, uncertainty=uncertainty)
+    assert unbounded.flag is None and unbounded.uncertainty is None
+
+
+@pytest.mark.parametrize("temperature", [100.0, 600.0])
+def test_a_segment_starts_at_the_temperature_of_its_trajectory(temperature):
+    """Velocities are drawn at the temperature given (a rung of the ladder), not the first."""
+    settings = MDSettings(temperature=[100.0, 600.0], timestep=0.5)
+    atoms = Icosahedron("Ar", 3)
+    segment = run_segment(atoms, FreeParticles(), settings, 1, seed=0, temperature=temperature)
+    moving_atoms = segment.final_frame.to_atoms()
+    degrees = 3 * len(moving_atoms) - 6  # drift and rotation removed
+    kinetic = moving_atoms.get_kinetic_energy()
+    assert 2 * kinetic / (degrees * units.kB) == pytest.approx(temperature, rel=0.35)
+
+
+def test_audit_continues_below_the_tolerance_and_lengthens_the_next_segment():
+    decision = audit_decision(-10.00, -10.03, 3, None, 50, 0.02, TIGHT)
     assert decision.action == "continue"
     assert decision.error_per_atom == pytest.approx(0.01)
-    assert decision.error_per_step == pytest.approx(1e-4)
-    assert decision.run_length == 200  # 0.02 / 1e-4
+    assert decision.tolerance == 0.02
+    assert decision.run_length == 100  # doubled
+    uncertain = audit_decision(-10.00, -10.03, 3, "uncertain", 50, 0.02, TIGHT)
+    assert uncertain.action == "continue"  # an uncertain frame is not a failure by itself
 
 
 def test_audit_restarts_above_the_tolerance_after_a_guard_or_a_failed_reference():
-    above = audit_decision(-10.0, -10.3, 3, 100, None, [], 50, TIGHT)
+    above = audit_decision(-10.0, -10.3, 3, None, 50, 0.02, TIGHT)
     assert above.action == "restart" and above.error_per_atom == pytest.approx(0.1)
-    assert above.run_length == 20  # 0.02 / 1e-3
-    flagged = audit_decision(-10.0, -10.0, 3, 100, "flying_apart", [], 50, TIGHT)
+    assert above.run_length == 25  # halved
+    flagged = audit_decision(-10.0, -10.0, 3, "flying_apart", 50, 0.02, TIGHT)
     assert flagged.action == "restart" and "flying_apart" in flagged.reason
-    failed = audit_decision(-10.0, None, 3, 100, None, [], 50, TIGHT)
+    failed = audit_decision(-10.0, None, 3, None, 12, 0.02, TIGHT)
     assert failed.action == "restart" and failed.error_per_atom is None
-    assert failed.error_per_step == pytest.approx(0.1)  # 10 eV/atom counted over 100 steps
     assert failed.run_length == 10  # clipped to min_run_length
 
 
-def test_next_run_length_uses_the_median_of_recent_errors_clipped():
-    loose = AuditSettings(energy_tolerance=0.1, min_run_length=10, max_run_length=1000)
-    assert next_run_length([1e-4, 2e-4, 4e-4], 50, loose) == 500
-    windowed = loose.model_copy(update={"error_history": 2})
-    assert next_run_length([1e-4, 2e-4, 4e-4], 50, windowed) == 333
-    assert next_run_length([1e-2], 50, loose) == 10
-    assert next_run_length([1e-9], 50, loose) == 1000
-    assert next_run_length([0.0], 50, loose) == 1000
-    assert next_run_length([], 50, loose) == 50
-    assert next_run_length([float("nan")], 5000, loose) == 1000
+def test_run_length_grows_with_each_passed_audit_up_to_the_maximum():
+    lengths = [50]
+    for _ in range(6):
+        lengths.append(next_run_length(lengths[-1], True, TIGHT))
+    assert lengths == [50, 100, 200, 400, 800, 1000, 1000]
+    assert next_run_length(15, False, TIGHT) == 10
+
+
+def test_audit_tolerance_follows_the_committee_error_within_its_bounds():
+    audit = AuditSettings(energy_tolerance=0.002, max_energy_tolerance=0.02, tolerance_factor=3)
+    assert audit_tolerance(audit, 0.003) == pytest.approx(0.009)
+    assert audit_tolerance(audit, 0.0001) == 0.002  # never stricter than energy_tolerance
+    assert audit_tolerance(audit, 0.5) == 0.02  # nor looser than max_energy_tolerance
+    assert audit_tolerance(audit, None) == 0.002  # no error known yet
+    fixed = audit.model_copy(update={"tolerance_factor": None})
+    assert audit_tolerance(fixed, 0.003) == 0.002
 
 
 @pytest.mark.parametrize(
     ("section", "values", "message"),
     [
-        (MDSettings, {"temperature": -10}, "greater than 0"),
+        (MDSettings, {"temperature": -10}, "above 0 K"),
         (MDSettings, {"run_length": 0}, "greater than 0"),
         (MDSettings, {"timestep": 0}, "greater than 0"),
         (MDSettings, {"thermostat": "nose-hoover"}, "'none' or 'langevin'"),
         (MDSettings, {"min_distance": 6, "fragment_distance": 5}, "must be below"),
         (AuditSettings, {"energy_tolerance": 0}, "greater than 0"),
         (AuditSettings, {"min_run_length": 500, "max_run_length": 100}, "500 > max_run_length"),
+        (AuditSettings, {"energy_tolerance": 0.1}, "max_energy_tolerance"),
+        (AuditSettings, {"growth": 1.0}, "greater than 1"),
+        (MDSettings, {"temperature": [300, -5]}, "above 0 K"),
         (MDSettings, {"temprature": 300}, "Extra inputs are not permitted"),
     ],
 )
@@ -224,7 +277,7 @@ def test_segment_and_audit_jobs_route_store_frames_aside_and_decide():
     settings = MDSettings(timestep=2.0, temperature=40, num_frames=5)
     segment = SegmentMaker(settings=settings).make(Icosahedron("Ar", 2), LJ_SPEC, 40, seed=1)
     reference = ReferenceSettings(code="ase", calculator=LJ_SPEC)
-    audit = AuditMaker(reference=reference, audit=TIGHT).make(segment.output, [1e-4], 50)
+    audit = AuditMaker(reference=reference, audit=TIGHT).make(segment.output, 50)
     assert segment.config.manager_config == {"_category": "gpu", "_priority": 0}
     assert audit.config.manager_config == {"_category": "cpu", "_priority": 10}
     responses, store = run_flow(segment, audit)
@@ -236,7 +289,7 @@ def test_segment_and_audit_jobs_route_store_frames_aside_and_decide():
     assert outcome.result.success
     assert outcome.decision.action == "continue"  # the reference is the sampling calculator
     assert outcome.decision.error_per_atom == pytest.approx(0.0, abs=1e-12)
-    assert outcome.decision.run_length == 400  # 0.02 / median(1e-4, 0)
+    assert outcome.decision.run_length == 100  # passed: doubled
 
 
 @pytest.mark.slow
@@ -268,3 +321,18 @@ def test_segment_job_refuses_overlapping_starting_atoms_before_it_runs():
     overlapping = Atoms("H2", positions=[[0, 0, 0], [0.1, 0, 0]])
     with pytest.raises(StructureError, match="starting structure of the segment: atoms 0 and 1"):
         SegmentMaker().make(overlapping, LJ_SPEC)
+
+
+def test_trajectories_start_on_every_size_at_every_temperature():
+    from fff_jobs.campaign import trajectory_starts
+
+    sizes = [9, 9, 12, 12, 15, 15, 18, 18]  # two starting structures of 3, 4, 5 and 6 waters
+    plan = trajectory_starts(sizes, 8, [300.0, 450.0, 600.0])
+    structures = [structure for structure, _ in plan]
+    assert sorted(structures) == list(range(8))  # every structure once
+    assert [sizes[s] for s in structures[:4]] == [9, 12, 15, 18]  # sizes first, smallest up
+    assert {temperature for _, temperature in plan} == {300.0, 450.0, 600.0}
+    for size in (9, 12, 15, 18):  # each size at two different temperatures
+        assert len({t for s, t in plan if sizes[s] == size}) == 2
+    few = trajectory_starts(sizes, 3, [300.0])
+    assert [sizes[s] for s, _ in few] == [9, 12, 15]

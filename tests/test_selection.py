@@ -96,9 +96,24 @@ def test_farthest_point_hand_computed_on_a_line():
 
 def test_select_frames_follows_the_settings():
     energies = predictions_with_a_correlated_twin(np.random.default_rng(0))
-    assert select_frames(energies, SelectionSettings(batch_size=3)).tolist() == [0, 2, 3]
+    spread = committee_spread(energies)
+    picked = select_frames(spread, SelectionSettings(batch_size=3), energies)
+    assert picked.tolist() == [0, 2, 3]
     farthest = SelectionSettings(batch_size=2, method="farthest_point")
     with pytest.raises(ValueError, match="needs descriptors"):
-        select_frames(energies, farthest)
+        select_frames(spread, farthest, energies)
     descriptors = np.arange(20.0)[:, None]
-    assert select_frames(energies, farthest, descriptors).tolist()[0] == 0
+    assert select_frames(spread, farthest, energies, descriptors).tolist()[0] == 0
+
+
+def test_spread_selection_ranks_by_the_uncertainty_given():
+    """With force deviations, the frame the members' forces disagree on most goes first,
+    whatever its energy spread."""
+    energies = predictions_with_a_correlated_twin(np.random.default_rng(0))
+    force_deviation = np.zeros(len(energies))
+    force_deviation[7] = 1.0
+    force_deviation[11] = 0.5
+    energies[5, 1] = np.nan
+    force_deviation[5] = 5.0  # never picked: a member returned NaN for this frame
+    picked = select_frames(force_deviation, SelectionSettings(batch_size=2), energies)
+    assert picked.tolist() == [7, 11]

@@ -17,9 +17,10 @@ from fff_jobs.training import (
     TrainingDataError,
     build_model,
     check_training_frames,
+    fixed_split,
     member_seed,
     model_hyperparameters,
-    split_frames,
+    split_key,
     train_member,
     training_set_hash,
 )
@@ -118,23 +119,42 @@ def test_training_leaves_dtype_and_logging_as_they_were(frames):
 def test_bootstrap_validates_on_the_frames_left_out(trained, frames):
     training, validation = trained.training_indices, trained.validation_indices
 
-    assert len(training) == len(frames)
-    assert len(set(training)) < len(frames)
+    assert len(set(training)) < len(training)  # a Poisson bootstrap: some frames repeat
     assert set(training).isdisjoint(validation)
     assert set(training) | set(validation) == set(range(len(frames)))
 
 
-def test_random_split_holds_out_a_tenth():
-    training, validation = split_frames(50, "random", 0.1, seed=3)
-    assert len(validation) == 5 and len(training) == 45
-    assert sorted(training + validation) == list(range(50))
-    assert split_frames(2, "random", 0.1, seed=3)[1] != []
+def test_random_split_holds_out_about_a_tenth():
+    names = [f"frame-{index}" for index in range(2000)]
+    training, validation = fixed_split(names, split_key(0, 1), "random", 0.1)
+    assert 150 < len(validation) < 250
+    assert sorted(training + validation) == list(range(2000))
+    assert fixed_split(names[:2], split_key(0, 1), "random", 0.1)[1] != []
+
+
+@pytest.mark.parametrize("split", ["random", "bootstrap"])
+def test_a_frame_keeps_its_place_as_the_training_set_grows(split):
+    """A warm-started member never trains on frames that were its validation frames, and
+    members of one committee split differently."""
+    names = [f"result-{index:04d}" for index in range(300)]
+    key = split_key(0, 2)
+    small_training, small_validation = fixed_split(names[:100], key, split, 0.1)
+    training, validation = fixed_split(names, key, split, 0.1)
+    assert {names[i] for i in small_validation} <= {names[i] for i in validation}
+    assert {names[i] for i in small_training} <= {names[i] for i in training}
+    assert set(training).isdisjoint(validation)
+    other = fixed_split(names, split_key(0, 3), split, 0.1)[1]
+    assert other != validation
+    if split == "bootstrap":  # Poisson(1) counts: about e^-1 held out, some frames twice
+        assert 0.28 < len(validation) / 300 < 0.46
+        assert len(training) != len(set(training))
 
 
 def test_member_seeds_differ_and_repeat():
     seeds = {member_seed(0, generation, member) for generation in range(3) for member in range(8)}
     assert len(seeds) == 24
     assert member_seed(0, 1, 2) == member_seed(0, 1, 2)
+    assert member_seed(0, 1, 2, attempt=1) not in seeds  # a diverged member retrains anew
 
 
 def test_warm_start_begins_near_the_parent_and_reaches_the_cold_error_sooner(frames, trained):

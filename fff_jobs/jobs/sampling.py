@@ -6,7 +6,6 @@ and flag stay in the output document, where the audit job reads them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ase import Atoms
@@ -94,18 +93,9 @@ class AuditMaker(Maker):
     audit: AuditSettings = field(default_factory=AuditSettings)
     priority: int = AUDIT_PRIORITY
 
-    def make(
-        self, segment: Segment | OutputReference, errors_per_step: Sequence[float], run_length: int
-    ) -> Job:
+    def make(self, segment: Segment | OutputReference, run_length: int) -> Job:
         """A CPU job, above ordinary calculations in priority; reads only the segment's summary."""
-        audit = self.run(
-            segment.final_frame,
-            segment.final_energy,
-            segment.steps,
-            segment.flag,
-            list(errors_per_step),
-            run_length,
-        )
+        audit = self.run(segment.final_frame, segment.final_energy, segment.flag, run_length)
         return route(audit, CPU, self.priority)
 
     @job
@@ -113,22 +103,14 @@ class AuditMaker(Maker):
         self,
         final_frame: Frame,
         ml_energy: float | None,
-        steps: int,
         flag: Flag | None,
-        errors_per_step: list[float],
         run_length: int,
     ) -> AuditOutput:
-        """The reference result, the audit decision and the next segment's length."""
+        """The reference result, the audit decision (at the fixed tolerance) and the next length."""
         atoms = Frame.model_validate(final_frame).to_atoms()
         (result,) = compute_references([atoms], self.reference)
+        tolerance = self.audit.energy_tolerance
         decision = audit_decision(
-            ml_energy,
-            result.energy,
-            len(atoms),
-            steps,
-            flag,
-            errors_per_step,
-            run_length,
-            self.audit,
+            ml_energy, result.energy, len(atoms), flag, run_length, tolerance, self.audit
         )
         return AuditOutput(result=result, ml_energy=ml_energy, decision=decision)
