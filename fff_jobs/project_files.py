@@ -244,9 +244,11 @@ def walltime_seconds(walltime: str) -> int:
             f"wall time {walltime!r} is not [days-]hours:minutes:seconds: give e.g. 04:00:00"
         )
     days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    if minutes > 59 or seconds > 59:
+        raise ConfigError(f"wall time {walltime!r}: minutes and seconds go up to 59")
     total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    if total < 60 or minutes > 59 or seconds > 59:
-        raise ConfigError(f"wall time {walltime!r} is not a time of a minute or more")
+    if total < 60:
+        raise ConfigError(f"wall time {walltime!r} is under a minute, the least Slurm grants")
     return total
 
 
