@@ -74,18 +74,56 @@ def init(
     directory: Annotated[Path, typer.Option(help="Project directory")] = Path("."),
     force: Annotated[bool, typer.Option(help="Overwrite existing configuration files")] = False,
     check: Annotated[bool, typer.Option(help="Check that the server answers first")] = True,
+    slurm: Annotated[
+        str | None,
+        typer.Option(
+            help="Write the Slurm qadapter of this worker (gpu or cpu) with the options "
+            "below (the rest at their defaults), instead of the database configuration"
+        ),
+    ] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="Slurm: CPUs per job")] = None,
+    walltime: Annotated[
+        str | None, typer.Option(help="Slurm: wall time per job, [days-]hours:minutes:seconds")
+    ] = None,
+    partition: Annotated[str | None, typer.Option(help="Slurm: partition")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm: account to charge")] = None,
+    gres: Annotated[
+        str | None, typer.Option(help="Slurm, GPU worker: GPU request (default gpu:1; '' none)")
+    ] = None,
 ) -> None:
-    """Write the project's configuration for the embedded store or a MongoDB server."""
+    """Write the project's configuration (embedded store or MongoDB server) or a Slurm qadapter."""
+    queue = {"cpus_per_task": cpus_per_task, "walltime": walltime, "partition": partition,
+             "account": account, "gres": gres}  # fmt: skip
+    if slurm is not None or any(value is not None for value in queue.values()):
+        adapter = _write_slurm_adapter(directory, slurm, uri or uri_env, force, queue)
+        typer.echo(f"wrote {adapter}")
+        return
+    for path in _write_database_configuration(directory, uri, uri_env, force, check):
+        typer.echo(f"wrote {path}")
+    typer.echo("now run: source fw_config/env.sh   (or source .venv/bin/activate)")
+
+
+def _write_database_configuration(
+    directory: Path, uri: str | None, uri_env: str | None, force: bool, check: bool
+) -> list[Path]:
     if uri_env is not None:
         if uri is not None:
             raise config.ConfigError("give --uri or --uri-env, not both")
         uri = os.environ.get(uri_env)
         if not uri:
             raise config.ConfigError(f"environment variable {uri_env} is not set (or empty)")
-    written = project_files.write_configuration(directory.resolve(), uri, force=force, check=check)
-    for path in written:
-        typer.echo(f"wrote {path}")
-    typer.echo("now run: source fw_config/env.sh   (or source .venv/bin/activate)")
+    return project_files.write_configuration(directory.resolve(), uri, force=force, check=check)
+
+
+def _write_slurm_adapter(
+    directory: Path, worker: str | None, uri: str | None, force: bool, queue: dict
+) -> Path:
+    if worker is None:
+        raise config.ConfigError("Slurm options need --slurm gpu or --slurm cpu (which adapter)")
+    if uri is not None:
+        raise config.ConfigError("give --slurm or --uri/--uri-env, one per `fff init`")
+    settings = project_files.slurm_settings(worker, **queue)
+    return project_files.write_slurm_adapter(directory.resolve(), worker, settings, force)
 
 
 @app.command()

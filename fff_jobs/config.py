@@ -20,6 +20,7 @@ import functools
 import gc
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ def worker_environment(project: Project) -> dict[str, str]:
         "FFF_PROJECT_DIR": str(project.directory),
         "FW_CONFIG_FILE": str(project.fw_config_file),
         "JOBFLOW_CONFIG_FILE": str(project.jobflow_file),
+        "FFF_PYTHON_BIN": os.environ.get("FFF_PYTHON_BIN") or str(Path(sys.executable).parent),
     }
     if project.embedded_file is not None:
         environment[EMBEDDED_KEY] = str(project.embedded_file)

@@ -1,12 +1,15 @@
-"""The configuration files `fff init` writes: embedded store or MongoDB server, one source for both.
+"""The configuration files `fff init` writes: embedded store or MongoDB server, Slurm qadapters.
 
 The files shipped in the repository (my_launchpad.yaml, fw_config/FW_config.yaml,
 fw_config/jobflow.yaml) are exactly what ``write_configuration(directory, None)``
-writes; a test keeps them equal.
+writes, and the Slurm qadapters what ``write_slurm_adapter`` writes with the
+default settings; tests keep them equal.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -23,6 +26,7 @@ from fff_jobs.config import (
     ConfigError,
     redact,
 )
+from fff_jobs.routing import CPU, GPU
 
 DATABASE_NAME = "fff"
 
@@ -193,3 +197,113 @@ def write_configuration(directory: Path, uri: str | None, force: bool, check: bo
         path.write_text(text)
         path.chmod(0o600 if has_secret else 0o644)
     return list(targets)
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """What a Slurm job of one worker asks for; `fff init --slurm WORKER` writes its adapter."""
+
+    cpus_per_task: int = 1
+    walltime: str = "04:00:00"
+    partition: str | None = None
+    account: str | None = None
+    gres: str | None = None
+
+
+SLURM_ADAPTER_FILES = {
+    GPU: "fw_config/my_qadapter_slurm.yaml",
+    CPU: "fw_config/my_qadapter_slurm_cpu.yaml",
+}
+SLURM_DEFAULTS = {GPU: SlurmSettings(gres="gpu:1"), CPU: SlurmSettings(walltime="01:00:00")}
+WORKER_DUTIES = {
+    GPU: "training, MD sampling, committee inference",
+    CPU: "reference calculations, audits",
+}
+# A Slurm job runs rockets for this many rounds of looking for work, RAPIDFIRE_SLEEP_SECS apart.
+ROCKET_ROUNDS = 24
+WALLTIME = re.compile(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})")
+SLURM_HEADER = """\
+# qlaunch -q {file} rapidfire --nlaunches infinite -m 1
+# Slurm jobs of the {worker} worker: {duties}.
+# Each job runs rockets of fw_config/my_fworker_{worker}.yaml one after another for
+# {rounds} rounds of looking for work (RAPIDFIRE_SLEEP_SECS apart, see FW_config.yaml) and
+# starts none after half its wall time ({timeout} s), so a job shorter than that is never
+# cut off; one cut off all the same (wall time, node failure) is re-run by `fff recover`.
+# Written by `fff init --slurm {worker}`; its options --cpus-per-task, --walltime,
+# --partition, --account and --gres (GPU request) rewrite this file for your cluster.
+# sbatch passes the environment on: FFF_PROJECT_DIR and FFF_PYTHON_BIN (where rlaunch
+# is: a login shell may reset PATH) come from fw_config/env.sh.
+"""
+
+
+def walltime_seconds(walltime: str) -> int:
+    """Seconds of a Slurm wall time written [days-]hours:minutes:seconds."""
+    match = WALLTIME.fullmatch(walltime)
+    if not match:
+        raise ConfigError(
+            f"wall time {walltime!r} is not [days-]hours:minutes:seconds: give e.g. 04:00:00"
+        )
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    if minutes > 59 or seconds > 59:
+        raise ConfigError(f"wall time {walltime!r}: minutes and seconds go up to 59")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total < 60:
+        raise ConfigError(f"wall time {walltime!r} is under a minute, the least Slurm grants")
+    return total
+
+
+def slurm_settings(worker: str, **given) -> SlurmSettings:
+    """The worker's default Slurm settings with those given (not None) in their place, checked."""
+    if worker not in SLURM_DEFAULTS:
+        raise ConfigError(f"unknown worker {worker!r} for --slurm: give {GPU} or {CPU}")
+    settings = replace(
+        SLURM_DEFAULTS[worker],
+        **{name: value for name, value in given.items() if value is not None},
+    )
+    if settings.cpus_per_task < 1:
+        raise ConfigError(f"--cpus-per-task {settings.cpus_per_task}: give 1 or more")
+    if worker == CPU and settings.gres:
+        raise ConfigError("--gres is the GPU worker's request: use it with --slurm gpu")
+    walltime_seconds(settings.walltime)
+    return settings
+
+
+def slurm_adapter_text(worker: str, settings: SlurmSettings) -> str:
+    """The qadapter file of the worker's Slurm jobs, with a header that says how it works."""
+    timeout = walltime_seconds(settings.walltime) // 2
+    project = "$FFF_PROJECT_DIR"
+    adapter = {
+        "_fw_name": "CommonAdapter",
+        "_fw_q_type": "SLURM",
+        "rocket_launch": f'rlaunch -l "{project}/my_launchpad.yaml" -w '
+        f'"{project}/fw_config/my_fworker_{worker}.yaml" rapidfire --nlaunches infinite '
+        f"--max_loops {ROCKET_ROUNDS} --timeout {timeout}",
+        "pre_rocket": f'export PATH="$FFF_PYTHON_BIN:$PATH"; source "{project}/fw_config/env.sh"; '
+        "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+        "nodes": 1,
+        "ntasks": 1,
+        "cpus_per_task": settings.cpus_per_task,
+        "gres": settings.gres or None,
+        "walltime": settings.walltime,
+        "queue": settings.partition,
+        "account": settings.account,
+        "job_name": f"fff_{worker}",
+        "logdir": None,
+    }
+    header = SLURM_HEADER.format(
+        file=SLURM_ADAPTER_FILES[worker], worker=worker, duties=WORKER_DUTIES[worker],
+        rounds=ROCKET_ROUNDS, timeout=timeout,
+    )  # fmt: skip
+    kept = {key: value for key, value in adapter.items() if value is not None or key == "logdir"}
+    return header + yaml.safe_dump(kept, sort_keys=False, width=1000)
+
+
+def write_slurm_adapter(directory: Path, worker: str, settings: SlurmSettings, force: bool) -> Path:
+    """Write the worker's Slurm qadapter; an existing different file needs ``force``."""
+    path = directory / SLURM_ADAPTER_FILES[worker]
+    text = slurm_adapter_text(worker, settings)
+    if path.exists() and path.read_text() != text and not force:
+        raise ConfigError(f"{path} exists and differs: pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

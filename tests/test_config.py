@@ -5,10 +5,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import yaml
+from typer.testing import CliRunner
 
+from fff_jobs.cli import app
 from fff_jobs.config import redact
-from fff_jobs.project_files import embedded_files
+from fff_jobs.project_files import (
+    SLURM_ADAPTER_FILES,
+    embedded_files,
+    slurm_adapter_text,
+    slurm_settings,
+)
 
 from project import REPO, run
 
@@ -113,3 +121,60 @@ def test_passwords_in_uris_are_redacted():
     assert redact(text) == (
         "cannot reach mongodb+srv://alice:***@cluster.example/fff and mongodb://h:1/x"
     )
+
+
+def test_shipped_slurm_adapters_are_what_init_writes_with_the_defaults():
+    for worker, name in SLURM_ADAPTER_FILES.items():
+        assert (REPO / name).read_text() == slurm_adapter_text(worker, slurm_settings(worker))
+
+
+def submit_script(adapter: Path, directory: Path) -> str:
+    """The batch script qlaunch would submit with this adapter file."""
+    from fireworks.user_objects.queue_adapters.common_adapter import CommonAdapter
+
+    return CommonAdapter.from_dict(yaml.safe_load(adapter.read_text())).get_script_str(directory)
+
+
+def test_init_writes_a_slurm_adapter_for_the_cluster(workdir: Path):
+    result = CliRunner().invoke(app, [
+        "init", "--slurm", "gpu", "--cpus-per-task", "8", "--walltime", "1-00:00:00",
+        "--partition", "a100", "--account", "chem42", "--gres", "gpu:a100:2", "--force",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    script = submit_script(workdir / "fw_config/my_qadapter_slurm.yaml", workdir)
+    for line in ("--cpus-per-task=8", "--time=1-00:00:00", "--partition=a100",
+                 "--account=chem42", "--gres=gpu:a100:2", "--job-name=fff_gpu"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script
+    assert 'my_fworker_gpu.yaml" rapidfire --nlaunches infinite' in script
+    assert "--timeout 43200" in script and "OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}" in script
+    cpu_adapter = workdir / "fw_config/my_qadapter_slurm_cpu.yaml"
+    assert cpu_adapter.read_text() == (REPO / "fw_config/my_qadapter_slurm_cpu.yaml").read_text()
+    result = CliRunner().invoke(app, ["init", "--slurm", "cpu", "--cpus-per-task", "4", "--force"])
+    assert result.exit_code == 0, result.output
+    script = submit_script(cpu_adapter, workdir)
+    assert "#SBATCH --cpus-per-task=4\n" in script and "--gres" not in script
+    assert "#SBATCH --time=01:00:00\n" in script and "--partition" not in script
+    assert 'my_fworker_cpu.yaml" rapidfire' in script
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--cpus-per-task", "2"], "Slurm options need --slurm gpu or --slurm cpu"),
+        (["--slurm", "tpu"], "unknown worker 'tpu' for --slurm: give gpu or cpu"),
+        (["--slurm", "cpu", "--gres", "gpu:1"], "--gres is the GPU worker's request"),
+        (["--slurm", "gpu", "--walltime", "4h"], "wall time '4h' is not [days-]hours:minutes"),
+        (["--slurm", "gpu", "--walltime", "00:00:30"], "is under a minute"),
+        (["--slurm", "gpu", "--walltime", "01:75:00"], "minutes and seconds go up to 59"),
+        (["--slurm", "gpu", "--cpus-per-task", "0"], "--cpus-per-task 0: give 1 or more"),
+        (["--slurm", "gpu", "--uri", UNREACHABLE], "give --slurm or --uri/--uri-env"),
+        (["--slurm", "gpu", "--cpus-per-task", "2"], "my_qadapter_slurm.yaml exists and differs"),
+    ],
+)
+def test_init_refuses_wrong_slurm_options_and_writes_nothing(workdir, arguments, message):
+    before = {path: path.read_text() for path in workdir.rglob("*") if path.is_file()}
+    result = CliRunner().invoke(app, ["init", *arguments])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line
+    assert {path: path.read_text() for path in workdir.rglob("*") if path.is_file()} == before

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pymongo
@@ -15,16 +18,22 @@ from project import run, submit_script, use_server
 pytestmark = pytest.mark.slow
 
 STAND_IN = """#!/usr/bin/env bash
-# Stand-in for {command}: records the submitted script and runs it in the background.
+# Stand-in for {command}: records the submitted script and runs it in the background,
+# in a session of its own whose id goes to $FFF_TEST_SUBMITTED/sessions.
 cp "$1" "$FFF_TEST_SUBMITTED/{command}-$(date +%s%N).script"
-nohup bash "$1" > "$1.out" 2>&1 < /dev/null &
+setsid nohup bash "$1" > "$1.out" 2>&1 < /dev/null &
+echo $! >> "$FFF_TEST_SUBMITTED/sessions"
 echo "{answer}"
 """
 
 
 @pytest.fixture
-def scheduler(tmp_path: Path) -> dict[str, str]:
-    """`sbatch` and `qsub` on PATH that behave like a scheduler with a free node."""
+def scheduler(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`sbatch` and `qsub` on PATH that behave like a scheduler with a free node.
+
+    The "jobs" go on looking for work after their rocket (the Slurm adapter runs
+    rockets for several rounds): they are ended with the test, as a scheduler would.
+    """
     bin_directory = tmp_path / "scheduler-bin"
     submitted = tmp_path / "submitted"
     bin_directory.mkdir()
@@ -33,10 +42,14 @@ def scheduler(tmp_path: Path) -> dict[str, str]:
         path = bin_directory / command
         path.write_text(STAND_IN.format(command=command, answer=answer))
         path.chmod(0o755)
-    return {
+    yield {
         "PATH": f"{bin_directory}{os.pathsep}{os.environ['PATH']}",
         "FFF_TEST_SUBMITTED": str(submitted),
     }
+    sessions = submitted / "sessions"
+    for session in sessions.read_text().split() if sessions.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(session), signal.SIGTERM)
 
 
 def wait_for_execution(database, indices: list[int], seconds: float = 60) -> dict:
@@ -93,10 +106,11 @@ def test_slurm_and_pbs_adapters_submit_workers_of_their_category(
 
     scripts = {
         path.name.split("-")[0]: path.read_text()
-        for path in Path(scheduler["FFF_TEST_SUBMITTED"]).iterdir()
+        for path in Path(scheduler["FFF_TEST_SUBMITTED"]).glob("*.script")
     }
     assert "#SBATCH --job-name=fff_gpu" in scripts["sbatch"]
-    assert 'fw_config/my_fworker_gpu.yaml" singleshot' in scripts["sbatch"]
+    assert "#SBATCH --gres=gpu:1" in scripts["sbatch"]
+    assert 'fw_config/my_fworker_gpu.yaml" rapidfire' in scripts["sbatch"]
     assert "#PBS -V" in scripts["qsub"]
     assert 'fw_config/my_fworker_cpu.yaml" singleshot' in scripts["qsub"]
     assert settled_states(database) == ["COMPLETED", "COMPLETED", "READY"]
