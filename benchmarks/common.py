@@ -103,19 +103,8 @@ def jongodb_server() -> Iterator[str]:
 
 
 def use_server(directory: Path, uri: str) -> None:
-    """Switch a project to a server with `fff init --uri`, as a user would (jongodb: no drop)."""
+    """Switch a project to a server with `fff init --uri`, as a user would."""
     run_in_project(directory, "fff", "init", "--uri", uri, "--force", timeout=120)
-    fw_config = directory / "fw_config" / "FW_config.yaml"
-    settings = yaml.safe_load(fw_config.read_text())
-    settings["GRIDFS_FALLBACK_COLLECTION"] = None
-    fw_config.write_text(yaml.safe_dump(settings))
-    # fff init writes `maggma.stores` for GridFSURIStore, which lives in maggma.stores.gridfs
-    # (maggma 0.77): jobflow then cannot build the JobStore. Fixed here until fff init is.
-    jobflow = directory / "fw_config" / "jobflow.yaml"
-    text = jobflow.read_text()
-    wrong = "'@module': maggma.stores\n      '@class': GridFSURIStore"
-    right = "'@module': maggma.stores.gridfs\n      '@class': GridFSURIStore"
-    jobflow.write_text(text.replace(wrong, right))
 
 
 # --- campaigns and their records ---

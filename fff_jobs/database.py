@@ -23,11 +23,14 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gridfs
 import pymongo
-import torch
 from pymongo.database import Database
+
+if TYPE_CHECKING:  # torch loads in seconds: only the code that handles weights imports it
+    import torch
 
 MODELS = "models"
 MODEL_WEIGHTS_BUCKET = "model_weights"
@@ -56,6 +59,8 @@ def ensure_indexes(database: Database) -> None:
 
 def weights_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
     """A state dict as bytes (``torch.save``), moved to the CPU first."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, buffer)
     return buffer.getvalue()
@@ -63,6 +68,8 @@ def weights_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
 
 def weights_from_bytes(content: bytes) -> dict[str, torch.Tensor]:
     """A state dict from bytes, loaded with ``weights_only=True`` (no code runs)."""
+    import torch
+
     return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
 
 
@@ -540,13 +547,23 @@ def record_generation(database: Database, campaign_id: str, summary: dict) -> No
 
 
 def finish_campaign(database: Database, campaign_id: str, reason: str) -> bool:
-    """Mark a running campaign complete; True for the one caller that did."""
+    """Mark a running campaign complete, and its sampling trajectories stopped; True for the one
+    caller that completed it."""
     before = database[CAMPAIGNS].find_one_and_update(
         {"_id": campaign_id, "status": RUNNING},
         {"$set": {"status": COMPLETE, "stop_reason": reason, "finished_at": now()}},
         projection={"_id": 1},
     )
+    stop_sampling(database, campaign_id)
     return before is not None
+
+
+def stop_sampling(database: Database, campaign_id: str) -> int:
+    """Mark the sampling trajectories of a finished campaign stopped; how many were."""
+    result = database[TRAJECTORIES].update_many(
+        {"campaign_id": campaign_id, "status": "sampling"}, {"$set": {"status": "stopped"}}
+    )
+    return result.modified_count
 
 
 def store_starting_structures(database: Database, campaign_id: str, frames: list[dict]) -> None:
@@ -610,10 +627,11 @@ def complete_audit(database: Database, trajectory_id: str, segment: int, changes
 
     One update, conditional on the audit count the caller read the trajectory
     under: only this segment's audit changes it, so ``changes`` (the new error
-    history included) may be computed from that read and simply set.
+    history included) may be computed from that read and simply set. A stopped
+    trajectory (its campaign finished) stays stopped.
     """
     before = database[TRAJECTORIES].find_one_and_update(
-        {"_id": trajectory_id, "audits_completed": segment},
+        {"_id": trajectory_id, "audits_completed": segment, "status": {"$ne": "stopped"}},
         {"$set": {"audits_completed": segment + 1, **changes}},
         projection={"_id": 1},
     )
@@ -788,6 +806,21 @@ def campaign_jobs(database: Database, campaign_id: str, states: tuple[str, ...])
         }
         for firework in database[FIREWORKS].find(query, projection)
     ]
+
+
+def job_counts(fireworks, query: dict) -> dict[str, dict[str, int]]:
+    """Worker category -> Firework state -> how many Fireworks (a LaunchPad's ``fireworks``
+    collection) match ``query``.
+
+    Counted here rather than by a ``$group`` on a compound ``_id``, which the jongodb
+    test server does not evaluate (it groups on the literal).
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for firework in fireworks.find(query, {"spec._category": 1, "state": 1}):
+        category = (firework.get("spec") or {}).get("_category") or "(any worker)"
+        states = counts.setdefault(category, {})
+        states[firework["state"]] = states.get(firework["state"], 0) + 1
+    return counts
 
 
 def release_dead_selection(database: Database, campaign_id: str, alive: set[str]) -> int | None:

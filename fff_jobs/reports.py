@@ -22,15 +22,7 @@ class NothingToReportError(LookupError):
 
 def job_states(launchpad, campaign_id: str) -> dict[str, dict[str, int]]:
     """Worker category -> Firework state -> count, for this campaign's jobs."""
-    pipeline = [
-        {"$match": db.campaign_jobs_filter(campaign_id)},
-        {"$group": {"_id": {"category": "$spec._category", "state": "$state"}, "n": {"$sum": 1}}},
-    ]
-    states: dict[str, dict[str, int]] = {}
-    for row in launchpad.fireworks.aggregate(pipeline):
-        category = row["_id"].get("category") or "(any worker)"
-        states.setdefault(category, {})[row["_id"]["state"]] = row["n"]
-    return states
+    return db.job_counts(launchpad.fireworks, db.campaign_jobs_filter(campaign_id))
 
 
 def audit_results(database, campaign_id: str) -> list[dict]:

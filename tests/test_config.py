@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fff_jobs.cli import app
-from fff_jobs.config import redact
+from fff_jobs.config import Project, redact, worker_environment
 from fff_jobs.project_files import (
     SLURM_ADAPTER_FILES,
     embedded_files,
@@ -21,6 +23,8 @@ from fff_jobs.project_files import (
 from project import REPO, run
 
 UNREACHABLE = "mongodb://127.0.0.1:9/fff"
+MARKER = "Marker-pw-9f3c"
+PRIVATE = (".fff/private/my_launchpad.yaml", ".fff/private/jobflow.yaml")
 STORE_TYPES = (
     "from fff_jobs.config import activate, load_job_store; activate(); store = load_job_store(); "
     "print(type(store.docs_store).__name__, type(store.additional_stores['data']).__name__)"
@@ -54,17 +58,65 @@ def test_init_switches_to_a_server_and_back(workdir: Path):
     result = run(workdir, "fff", "init", "--uri", "mongodb://u:pw@db.example:27017/camp",
                  "--no-check", "--force")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    launchpad = yaml.safe_load((workdir / "my_launchpad.yaml").read_text())
+    launchpad = yaml.safe_load((workdir / ".fff/private/my_launchpad.yaml").read_text())
     assert launchpad["uri_mode"] is True and launchpad["name"] == "camp"
     assert "MONGOMOCK_SERVERSTORE_FILE" not in (workdir / "fw_config/FW_config.yaml").read_text()
-    assert (workdir / "my_launchpad.yaml").stat().st_mode & 0o077 == 0
     assert "pw" not in result.stdout
     stores = run(workdir, "python", "-c", STORE_TYPES)
     assert stores.returncode == 0, stores.stderr
-    assert stores.stdout.split() == ["MongoURIStore", "GridFSURIStore"]
+    assert stores.stdout.split() == ["MongoStore", "GridFSStore"]
+    assert "Warning" not in stores.stderr
     back = run(workdir, "fff", "init", "--force")
     assert back.returncode == 0, back.stderr
     assert snapshot(workdir) == embedded_files()
+    assert not any((workdir / name).exists() for name in PRIVATE)
+
+
+def git(directory: Path, *arguments: str) -> str:
+    result = subprocess.run(["git", *arguments], cwd=directory, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_password_goes_only_to_private_files_that_git_ignores(workdir: Path):
+    shutil.copy(REPO / ".gitignore", workdir)
+    git(workdir, "init", "--quiet")
+    private = workdir / PRIVATE[0]
+    private.parent.mkdir(parents=True)
+    private.write_text("left over, readable by all")
+    private.chmod(0o644)
+    uri = f"mongodb://fff_user:{MARKER}@db.example:27017/camp?authSource=admin"
+    command = f"umask 000 && fff init --uri '{uri}' --no-check --force"
+    result = run(workdir, "bash", "-c", command)  # umask 000: modes come from fff, not the shell
+    assert result.returncode == 0, result.stderr
+    assert MARKER not in result.stdout + result.stderr
+    git(workdir, "add", "--all")
+    tracked = git(workdir, "ls-files").split()
+    assert "my_launchpad.yaml" in tracked and "fw_config/jobflow.yaml" in tracked
+    assert not [name for name in tracked if MARKER in (workdir / name).read_text()]
+    assert not set(PRIVATE) & set(tracked)
+    for name in PRIVATE:
+        assert MARKER in (workdir / name).read_text()
+        assert (workdir / name).stat().st_mode & 0o777 == 0o600
+    assert private.parent.stat().st_mode & 0o777 == 0o700
+    shared = yaml.safe_load((workdir / "my_launchpad.yaml").read_text())
+    assert shared["host"] == "mongodb://db.example:27017/camp"
+
+
+def test_env_sh_points_fireworks_and_jobflow_where_fff_does(workdir: Path):
+    init = run(workdir, "fff", "init", "--uri", UNREACHABLE, "--no-check", "--force")
+    assert init.returncode == 0, init.stderr
+    names = ("FW_CONFIG_FILE", "FFF_LAUNCHPAD_FILE", "JOBFLOW_CONFIG_FILE")
+    echo = " ".join(f"${name}" for name in names)
+    sourced = subprocess.run(
+        ["bash", "-c", f"source fw_config/env.sh && echo {echo}"],
+        cwd=workdir, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    expected = worker_environment(Project(workdir))
+    assert sourced.stdout.split() == [expected[name] for name in names]
+    assert expected["FFF_LAUNCHPAD_FILE"] == str(workdir / PRIVATE[0])
+    probe = "from fireworks.fw_config import LAUNCHPAD_LOC; print(LAUNCHPAD_LOC)"
+    assert run(workdir, "python", "-c", probe).stdout.split() == [PRIVATE[0]]
 
 
 def test_init_fails_fast_on_an_unreachable_server_and_writes_nothing(workdir: Path):

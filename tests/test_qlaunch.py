@@ -17,6 +17,8 @@ from project import run, submit_script, use_server
 
 pytestmark = pytest.mark.slow
 
+MARKER = "fff-Option-Marker-51c"
+
 STAND_IN = """#!/usr/bin/env bash
 # Stand-in for {command}: records the submitted script and runs it in the background,
 # in a session of its own whose id goes to $FFF_TEST_SUBMITTED/sessions.
@@ -75,7 +77,13 @@ def test_slurm_and_pbs_adapters_submit_workers_of_their_category(
     workdir: Path, mongo_uri: str, scheduler: dict[str, str]
 ):
     name = f"fff_{uuid.uuid4().hex[:8]}"
-    use_server(workdir, f"{mongo_uri}/{name}")
+    use_server(workdir, f"{mongo_uri}/{name}?appname={MARKER}")
+    # The shared configuration names the server without its options; pointed nowhere, it
+    # shows that submitting, workers and jobflow all read the private files of `fff init`.
+    for shared in ("my_launchpad.yaml", "fw_config/FW_config.yaml", "fw_config/jobflow.yaml"):
+        text = (workdir / shared).read_text()
+        assert MARKER not in text
+        (workdir / shared).write_text(text.replace(mongo_uri, "mongodb://127.0.0.1:9"))
     (workdir / "submit.py").write_text(submit_script("plumbing_jobs:mixed_flow"))
     assert run(workdir, "python", "submit.py", "1").returncode == 0
     database = pymongo.MongoClient(mongo_uri)[name]
@@ -111,6 +119,7 @@ def test_slurm_and_pbs_adapters_submit_workers_of_their_category(
     assert "#SBATCH --job-name=fff_gpu" in scripts["sbatch"]
     assert "#SBATCH --gres=gpu:1" in scripts["sbatch"]
     assert 'fw_config/my_fworker_gpu.yaml" rapidfire' in scripts["sbatch"]
+    assert 'rlaunch -l "$FFF_LAUNCHPAD_FILE"' in scripts["sbatch"]
     assert "#PBS -V" in scripts["qsub"]
     assert 'fw_config/my_fworker_cpu.yaml" singleshot' in scripts["qsub"]
     assert settled_states(database) == ["COMPLETED", "COMPLETED", "READY"]

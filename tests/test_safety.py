@@ -146,7 +146,7 @@ class NoJobs:
 
     class fireworks:  # noqa: N801
         @staticmethod
-        def aggregate(pipeline):
+        def find(query, projection=None):
             return []
 
 
