@@ -211,7 +211,11 @@ def make_dynamics(
     timestep = settings.timestep * units.fs
     if settings.thermostat == "langevin":
         friction = settings.friction / units.fs
-        return Langevin(atoms, timestep, temperature_K=temperature, friction=friction, rng=rng)
+        # fixcm=False: ASE's centre-of-mass fix skews the sampled ensemble of small systems
+        # (deprecated since 3.28); an isolated cluster's drift changes no energy or force
+        return Langevin(
+            atoms, timestep, temperature_K=temperature, friction=friction, fixcm=False, rng=rng
+        )
     return VelocityVerlet(atoms, timestep)
 
 

@@ -294,7 +294,7 @@ class MDSettings(Section):
     guard_interval: int = Field(1, gt=0)  # steps between guard checks
     # a segment stops at the first checked frame whose committee uncertainty (the campaign's
     # `uncertainty`: eV/A for force, eV/atom for energy) passes this; null: never
-    uncertainty_threshold: float | None = Field(0.4, gt=0)
+    uncertainty_threshold: float | None = Field(0.25, gt=0)
     uncertainty_interval: int = Field(10, gt=0)  # steps between committee checks
     device: Device = "auto"  # torch device of a MACE model; auto: cuda when available
     dtype: Literal["float32", "float64"] = "float64"
