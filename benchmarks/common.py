@@ -155,7 +155,7 @@ def dump_records(database, campaign_id: str, path: Path, run_wall_time: float | 
         "campaign": campaign,
         "run_wall_time": run_wall_time,
         "reference_results": list(database[db.REFERENCE_RESULTS].find(query).sort("sequence", 1)),
-        "segments": list(database[db.SEGMENTS].find(query)),
+        "segments": [record.model_dump() for record in db.segment_records(database, campaign_id)],
         "models": list(database[db.MODELS].find(query)),
         "selections": list(database[db.SELECTIONS].find(query, {"frame_ids": 0, "spreads": 0})),
         "frame_pool": list(database[db.FRAME_POOL].find(query).sort("_id", 1)),
@@ -168,7 +168,7 @@ def _campaign_command(spec_file: str, output: str) -> None:
     from fff_jobs.config import activate, project_database
 
     activate()
-    from fff_jobs.campaign import submit_campaign
+    from fff_jobs.jobs import submit_campaign
     from fff_jobs.spec import CampaignSpec
     from fff_jobs.workers import run_until_done
 
@@ -186,7 +186,7 @@ def _records_command(output: str, campaign_id: str | None) -> None:
 
     activate()
     database = project_database()
-    campaign_id = campaign_id or db.list_campaigns(database)[0]["_id"]
+    campaign_id = campaign_id or db.list_campaigns(database)[0].id
     dump_records(database, campaign_id, Path(output), None)
 
 
