@@ -27,6 +27,10 @@ REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 PYTHON = Path(sys.executable)
 JONGODB = REPO / "tests/server/node_modules/@jongodb/memory-server-bin-linux-x64-gnu/bin/jongodb"
+NO_JONGODB = (
+    "the jongodb test server is not installed: run `bash scripts/test.sh --co -q` first "
+    "(it installs it with npm into tests/server/)"
+)
 EMBEDDED_KEY = "MONGOMOCK_SERVERSTORE_FILE"
 # where each kind of task records its own wall time
 TASK_COLLECTIONS = {
@@ -85,6 +89,8 @@ def run_in_project(directory: Path, *command: str, timeout: float = 3600) -> str
 @contextlib.contextmanager
 def jongodb_server() -> Iterator[str]:
     """A jongodb server on a free port for the duration; yields its URI (no database name)."""
+    if not JONGODB.exists():
+        raise SystemExit(f"error: {NO_JONGODB}")
     process = subprocess.Popen(
         [str(JONGODB), "--host=127.0.0.1", "--port=0"],
         stdout=subprocess.PIPE,

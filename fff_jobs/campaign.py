@@ -79,8 +79,11 @@ def this_job() -> str:
 # --- applying a decision ---
 
 
-def apply(database, campaign: Campaign, decision: steering.Decision) -> list[JobPlan]:
-    """Make a decision's state changes (each one conditional update); the jobs to add."""
+def apply(
+    database, campaign: Campaign, decision: steering.Decision, counts: db.CampaignCounts
+) -> list[JobPlan]:
+    """Make a decision's state changes (each one conditional update); the jobs to add.
+    ``counts`` are those the decision was taken on (a round's snapshot among them)."""
     plans: list[JobPlan] = list(decision.jobs)
     if decision.finish is not None:
         db.finish_campaign(database, campaign.id, decision.finish)
@@ -90,7 +93,9 @@ def apply(database, campaign: Campaign, decision: steering.Decision) -> list[Job
         revived = db.revive_trajectories(database, campaign.id, campaign.followed_up_generation)
         plans += [SegmentJob(t.id, t.segments_completed) for t in revived]
     if decision.claim_round is not None:
-        generation = db.claim_training_round(database, campaign, decision.claim_round, this_job())
+        generation = db.claim_training_round(
+            database, campaign, decision.claim_round, this_job(), counts
+        )
         plans += [] if generation is None else [steering.TrainJobs(generation)]
     if decision.request_selection:
         number = db.request_selection(database, campaign, this_job())
@@ -185,7 +190,8 @@ def ingest(database, campaign_id: str, new: NewCampaign | None = None) -> Stage:
             f"campaign {campaign_id}: only {succeeded} of {len(frames)} initial frames were "
             "computed by the reference; check the reference settings and starting structures"
         )
-    plans = apply(database, campaign, steering.after_ingest(campaign))
+    counts = db.CampaignCounts(database, campaign_id)
+    plans = apply(database, campaign, steering.after_ingest(campaign), counts)
     output = {"initial_frames": len(frames), "succeeded": succeeded}
     return Stage(campaign, output, plans, fresh=len(missing) == len(frames))
 
@@ -227,7 +233,7 @@ def train(database, campaign_id: str, generation: int, member: int) -> Stage:
     stage = Stage(campaign, {"model_id": document.id, "metrics": document.metrics})
     stage.fresh = frames is not None
     if published:
-        following = db.claim_generation_follow_up(database, campaign_id, generation, this_job())
+        following = db.claim_generation_follow_up(database, campaign_id, published, this_job())
         if following is not None:
             stage.campaign = following
             stage.plans = _follow_up(database, following, generation, published, frames)
@@ -330,7 +336,7 @@ def _follow_up(
     db.record_generation(database, campaign.id, record)
     campaign.generations.append(record)
     counts = db.CampaignCounts(database, campaign.id)
-    return apply(database, campaign, steering.after_generation(campaign, record, counts))
+    return apply(database, campaign, steering.after_generation(campaign, record, counts), counts)
 
 
 def _generation_errors(
@@ -364,12 +370,13 @@ def sample(database, campaign_id: str, trajectory_id: str, segment: int) -> Stag
     if trajectory.segments_completed <= segment:
         if not steering.segment_may_run(campaign):
             db.set_trajectory_status(database, trajectory_id, "stopped")
+            db.mark_idle_trajectories(database, campaign)
             return Stage(campaign, {"stopped": campaign.stop_reason or steering.BUDGET_SPENT})
         stage.output = _run_segment(database, campaign, trajectory, segment)
         stage.fresh = not stage.output["repeated"]
     counts = db.CampaignCounts(database, campaign_id)
     decision = steering.after_segment(campaign, trajectory_id, segment, counts)
-    stage.plans = apply(database, campaign, decision)
+    stage.plans = apply(database, campaign, decision, counts)
     return stage
 
 
@@ -384,7 +391,9 @@ def _sampling_committee(database, campaign: Campaign):
 
     generation = campaign.followed_up_generation
     device = resolve_device(campaign.spec.md.device)
-    documents, models = load_committee(database, campaign.id, generation, device=device)
+    documents, models = load_committee(
+        database, campaign.id, device=device, documents=campaign.committee
+    )
     dtype = documents[0].hyperparameters["dtype"]
     calculator = MACECalculator(models=[models[0]], device=device, default_dtype=dtype)
     return calculator, models, generation
@@ -455,9 +464,11 @@ def audit(database, campaign_id: str, trajectory_id: str, segment: int) -> Stage
     stage = Stage(campaign, {"repeated": True})
     if trajectory.audits_completed <= segment:
         stage.output, stage.fresh = _audit(database, campaign, trajectory, segment)
+    if trajectory.status != "sampling":
+        db.mark_idle_trajectories(database, campaign)
     counts = db.CampaignCounts(database, campaign_id)
     decision = steering.after_audit(campaign, trajectory, segment, counts)
-    stage.plans = apply(database, campaign, decision)
+    stage.plans = apply(database, campaign, decision, counts)
     return stage
 
 
@@ -536,7 +547,7 @@ def select(database, campaign_id: str, number: int) -> Stage:
         campaign.selection.pending = False
     counts = db.CampaignCounts(database, campaign_id)
     decision = steering.after_selection(campaign, number, selection.selected, counts)
-    stage.plans = apply(database, campaign, decision)
+    stage.plans = apply(database, campaign, decision, counts)
     return stage
 
 
@@ -570,7 +581,7 @@ def _score(database, campaign: Campaign, frames: list[PooledFrame], batch_size: 
     from fff_jobs.selection import select_frames
 
     spec = campaign.spec
-    documents, models = load_committee(database, campaign.id, campaign.followed_up_generation)
+    documents, models = load_committee(database, campaign.id, documents=campaign.committee)
     atoms = [frame.frame.to_atoms() for frame in frames]
     prediction = predict_committee(
         models,
@@ -623,7 +634,7 @@ def calculate(database, campaign_id: str, frame_ids: list[str]) -> Stage:
         )
         computed += db.store_reference_results(database, [document])
     counts = db.CampaignCounts(database, campaign_id)
-    plans = apply(database, campaign, steering.after_calculation(campaign, counts))
+    plans = apply(database, campaign, steering.after_calculation(campaign, counts), counts)
     fresh = None not in granted.values()
     return Stage(campaign, {"computed": computed}, plans, fresh)
 

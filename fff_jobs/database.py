@@ -25,8 +25,10 @@ import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import bson
 import gridfs
 import pymongo
+from gridfs.grid_file_shared import DEFAULT_CHUNK_SIZE
 from pymongo.database import Database
 
 from fff_jobs import steering
@@ -100,6 +102,10 @@ def ensure_indexes(database: Database) -> None:
     database[STARTING_STRUCTURES].create_index([("campaign_id", 1), ("index", 1)], unique=True)
     database[INITIAL_DATA].create_index([("campaign_id", 1), ("index", 1)], unique=True)
     database[BUDGET_CLAIMS].create_index([("campaign_id", 1), ("result_id", 1)], unique=True)
+    # GridFS's own indexes (_put_weights writes the bucket without pymongo's per-file checks)
+    bucket = database[MODEL_WEIGHTS_BUCKET]
+    bucket.chunks.create_index([("files_id", 1), ("n", 1)], unique=True)
+    bucket.files.create_index([("filename", 1), ("uploadDate", 1)])
 
 
 def _insert_new(collection, documents: list[dict]) -> int:
@@ -143,6 +149,35 @@ def weights_bucket(database: Database) -> gridfs.GridFS:
     return gridfs.GridFS(database, collection=MODEL_WEIGHTS_BUCKET)
 
 
+def _put_weights(database: Database, content: bytes, filename: str, sha256: str):
+    """Store weights as one GridFS file (readable by ``gridfs``): its chunks, then its file
+    document, in two round trips; pymongo's own writer checks the bucket's indexes first,
+    two more for every file. The indexes are made with the campaign's."""
+    files_id = bson.ObjectId()
+    bucket = database[MODEL_WEIGHTS_BUCKET]
+    chunks = [
+        {
+            "files_id": files_id,
+            "n": n,
+            "data": bson.Binary(content[start : start + DEFAULT_CHUNK_SIZE]),
+        }
+        for n, start in enumerate(range(0, len(content), DEFAULT_CHUNK_SIZE))
+    ]
+    if chunks:
+        bucket.chunks.insert_many(chunks)
+    bucket.files.insert_one(
+        {
+            "_id": files_id,
+            "filename": filename,
+            "metadata": {"sha256": sha256},
+            "chunkSize": DEFAULT_CHUNK_SIZE,
+            "length": bson.Int64(len(content)),
+            "uploadDate": now(),
+        }
+    )
+    return files_id
+
+
 def find_members(database: Database, ids: list[str]) -> dict[str, ModelRecord]:
     """Registry documents of these members (those registered), by id: one query."""
     found = database[MODELS].find({"_id": {"$in": ids}})
@@ -167,7 +202,7 @@ def register_member(
     key = model_id(record.campaign_id, record.generation, record.member)
     sha256 = hashlib.sha256(content).hexdigest()
     bucket = weights_bucket(database)
-    weights_id = bucket.put(content, filename=f"{key}.pt", metadata={"sha256": sha256})
+    weights_id = _put_weights(database, content, f"{key}.pt", sha256)
     update = {"weights_id": weights_id, "weights_sha256": sha256, "weights_bytes": len(content)}
     document = record.model_copy(update={"id": key, **update, "registered_at": now()})
     try:
@@ -386,6 +421,16 @@ class CampaignCounts(Mapping[str, int]):
     def __init__(self, database: Database, campaign_id: str) -> None:
         self.database, self.campaign_id = database, campaign_id
         self._values: dict[str, int] = {}
+        self._successful: list[str] | None = None
+
+    def successful_ids(self) -> list[str]:
+        """Ids of the successful results, in the order stored (queried once): a round's
+        snapshot, and their number is the count of successful results."""
+        if self._successful is None:
+            query = {"campaign_id": self.campaign_id, "success": True}
+            found = self.database[REFERENCE_RESULTS].find(query, {"_id": 1}).sort("sequence", 1)
+            self._successful = [document["_id"] for document in found]
+        return self._successful
 
     def _count(self, collection: str, **conditions) -> int:
         query = {"campaign_id": self.campaign_id, **conditions}
@@ -393,14 +438,15 @@ class CampaignCounts(Mapping[str, int]):
 
     def _query(self, name: str) -> int:
         if name == steering.SUCCESSFUL:
-            return self._count(REFERENCE_RESULTS, success=True)
+            return len(self.successful_ids())
         if name == steering.BUDGETED:
             return self._count(REFERENCE_RESULTS, source={"$ne": "initial"})
         if name == steering.POOLED_FRAMES:
             return self._count(FRAME_POOL, status=POOLED)
-        if name in (steering.SAMPLING, steering.RETIRED):
-            status = SAMPLING if name == steering.SAMPLING else RETIRED
-            return self._count(TRAJECTORIES, status=status)
+        if name == steering.SAMPLING:
+            return self._count(TRAJECTORIES, status=SAMPLING)
+        if name == steering.REVIVABLE:
+            return self._count(TRAJECTORIES, status={"$in": [SAMPLING, RETIRED]})
         if name == steering.UNCALCULATED:
             selected = self._count(FRAME_POOL, status=SELECTED)
             return selected - self._count(REFERENCE_RESULTS, source="active")
@@ -441,17 +487,8 @@ def claim_budget(
     """
     if not campaign.running:
         return {}
-    slots: dict[str, int] = {}
-    held: list[str] = []
-    next_slot = campaign.budget.spent
-    for result_id in result_ids:
-        slot = _claim_slot(database, campaign, result_id, owner, next_slot)
-        if slot is None:
-            break
-        if slot == HELD:
-            held.append(result_id)
-        else:
-            slots[result_id], next_slot = slot, slot + 1
+    slots, held = _claim_slots(database, campaign, result_ids, owner)
+    next_slot = max(slots.values(), default=-1) + 1
     granted: dict[str, int | None] = dict.fromkeys(held)
     if slots:
         first = _count_spent(database, campaign, next_slot, len(slots))
@@ -479,6 +516,36 @@ def _count_spent(database: Database, campaign: Campaign, spent: int, results: in
     return after["sequence"] - results + 1
 
 
+def _claim_slots(
+    database: Database, campaign: Campaign, result_ids: list[str], owner: str
+) -> tuple[dict[str, int], list[str]]:
+    """Claim the result ids one by one, each in the first free slot after the last:
+    (slot of each new claim, ids an earlier run of the job claimed). Slots are never
+    skipped: the budget's slots stay 0 .. num_to_run - 1, each held once."""
+    taken: dict[str, int] = {}
+    held: list[str] = []
+    next_slot = campaign.budget.spent
+    for result_id in result_ids:
+        slot = _claim_slot(database, campaign, result_id, owner, next_slot)
+        if slot is None:
+            break
+        if slot == HELD:
+            held.append(result_id)
+        else:
+            taken[result_id], next_slot = slot, slot + 1
+    return taken, held
+
+
+def _claim(campaign: Campaign, result_id: str, owner: str, slot: int) -> BudgetClaim:
+    return BudgetClaim(
+        id=f"{campaign.id}-budget{slot:07d}",
+        campaign_id=campaign.id,
+        slot=slot,
+        result_id=result_id,
+        owner=owner,
+    )
+
+
 HELD = -1  # _claim_slot: the result was claimed before
 
 
@@ -490,15 +557,8 @@ def _claim_slot(
     claims = database[BUDGET_CLAIMS]
     held = {"campaign_id": campaign.id, "result_id": result_id}
     for candidate in range(slot, campaign.budget.num_to_run):
-        claim = BudgetClaim(
-            id=f"{campaign.id}-budget{candidate:07d}",
-            campaign_id=campaign.id,
-            slot=candidate,
-            result_id=result_id,
-            owner=owner,
-        )
         try:
-            claims.insert_one(claim.document())
+            claims.insert_one(_claim(campaign, result_id, owner, candidate).document())
             return candidate
         except pymongo.errors.DuplicateKeyError:
             if claims.count_documents(held, limit=1):
@@ -560,7 +620,11 @@ def count_results(database: Database, campaign_id: str, **conditions) -> int:
 
 
 def claim_training_round(
-    database: Database, campaign: Campaign, required_new: int, owner: str
+    database: Database,
+    campaign: Campaign,
+    required_new: int,
+    owner: str,
+    counts: CampaignCounts | None = None,
 ) -> int | None:
     """Start the next training generation if none is running and enough new data arrived.
 
@@ -571,7 +635,7 @@ def claim_training_round(
     gets its round back, and adds the jobs the dead run never handed over.
     """
     training = campaign.training
-    result_ids = _successful_ids(database, campaign.id)
+    result_ids = (counts or CampaignCounts(database, campaign.id)).successful_ids()
     if training.running and training.owner == owner:
         generation = training.generation
     else:
@@ -601,12 +665,6 @@ def claim_training_round(
         )
     _record_snapshot(database, campaign.id, generation, result_ids)
     return generation
-
-
-def _successful_ids(database: Database, campaign_id: str) -> list[str]:
-    query = {"campaign_id": campaign_id, "success": True}
-    found = database[REFERENCE_RESULTS].find(query, {"_id": 1}).sort("sequence", 1)
-    return [document["_id"] for document in found]
 
 
 def _record_snapshot(
@@ -642,15 +700,18 @@ def training_results(database: Database, campaign_id: str, generation: int) -> l
 
 
 def claim_generation_follow_up(
-    database: Database, campaign_id: str, generation: int, owner: str
+    database: Database, campaign_id: str, committee: list[ModelRecord], owner: str
 ) -> Campaign | None:
-    """The campaign, for exactly one job once ``generation`` is published (and its re-runs):
-    that job ends the round and follows it up; None for every other."""
+    """The campaign, for exactly one job once a generation is published (and its re-runs):
+    that job ends the round and follows it up; None for every other. From then on the
+    campaign samples and selects with ``committee`` (the generation's members)."""
+    generation = committee[0].generation
     after = database[CAMPAIGNS].find_one_and_update(
         {"_id": campaign_id, "followed_up_generation": {"$lt": generation}},
         {
             "$set": {
                 "followed_up_generation": generation,
+                "committee": [member.document() for member in committee],
                 "training.running": False,
                 "follow_up": {"generation": generation, "owner": owner, "claimed_at": now()},
             },
@@ -667,7 +728,7 @@ def record_generation(database: Database, campaign_id: str, record: GenerationRe
     """Append one generation's figures (errors, data size, budget spent) to the campaign, once."""
     database[CAMPAIGNS].update_one(
         {"_id": campaign_id, "generations.generation": {"$ne": record.generation}},
-        {"$push": {"generations": record.model_dump()}},
+        {"$addToSet": {"generations": record.model_dump()}},
     )
 
 
@@ -699,7 +760,7 @@ def complete_segment(
         {"_id": trajectory_id, "segments_completed": segment},
         {
             "$set": {"segments_completed": segment + 1, "last_segment": last.model_dump()},
-            "$push": {"segments": summary},
+            "$addToSet": {"segments": summary},
         },
     )
     return result.modified_count == 1
@@ -723,9 +784,20 @@ def set_trajectory_status(database: Database, trajectory_id: str, status: str) -
     database[TRAJECTORIES].update_one({"_id": trajectory_id}, {"$set": {"status": status}})
 
 
+def mark_idle_trajectories(database: Database, campaign: Campaign) -> None:
+    """Note that a trajectory of the campaign retired or stopped (after its own update): until
+    the next revival, keep-going counts the sampling ones."""
+    if not campaign.idle_trajectories:
+        database[CAMPAIGNS].update_one({"_id": campaign.id}, {"$set": {"idle_trajectories": True}})
+        campaign.idle_trajectories = True
+
+
 def revive_trajectories(database: Database, campaign_id: str, generation: int) -> list[Trajectory]:
     """Put retired trajectories back to sampling for ``generation``; those it revived (a re-run
-    of the same generation's follow-up finds them again)."""
+    of the same generation's follow-up finds them again). The campaign's idle mark is
+    cleared first: a trajectory that retires meanwhile either is revived here or marks it
+    again."""
+    database[CAMPAIGNS].update_one({"_id": campaign_id}, {"$set": {"idle_trajectories": False}})
     database[TRAJECTORIES].update_many(
         {"campaign_id": campaign_id, "status": RETIRED},
         {"$set": {"status": SAMPLING, "failures": 0, "revived_generation": generation}},

@@ -186,6 +186,9 @@ class Campaign(Stored):
     training: TrainingState = Field(default_factory=TrainingState)
     followed_up_generation: int = NO_GENERATION
     follow_up: FollowUpClaim | None = None
+    committee: list[ModelRecord] = []  # the members of that generation: they sample and select
+    # a trajectory retired or stopped since the last revival (only then may none be sampling)
+    idle_trajectories: bool = False
     selection: SelectionState = Field(default_factory=SelectionState)
     generations: list[GenerationRecord] = []
 
@@ -356,3 +359,6 @@ class RegistryRecord(Stored):
     current_generation: int = NO_GENERATION
     members: list[str] = []
     published_at: datetime.datetime | None = None
+
+
+Campaign.model_rebuild()

@@ -24,7 +24,7 @@ SUCCESSFUL = "successful_results"  # successful reference results, initial ones 
 BUDGETED = "budgeted_results"  # stored results that spent budget (audits and selected frames)
 POOLED_FRAMES = "pooled_frames"  # sampled frames waiting for a selection
 SAMPLING = "sampling_trajectories"
-RETIRED = "retired_trajectories"
+REVIVABLE = "sampling_or_retired_trajectories"  # sampling once retired ones are revived
 UNCALCULATED = "uncalculated_frames"  # selected frames whose result is not stored yet
 
 BUDGET_SPENT = "reference budget spent"
@@ -134,19 +134,21 @@ def target_reached(campaign: Campaign, record: GenerationRecord) -> str | None:
 
 
 def keep_going(
-    campaign: Campaign, counts: Mapping[str, int], revived: int = 0
+    campaign: Campaign, counts: Mapping[str, int], reviving: bool = False
 ) -> Literal["select", "train", "finish"] | None:
     """Work for a campaign whose trajectories have all retired: its pooled frames, a new
     round, or the end (:data:`ALL_RETIRED`).
 
     Without it, a campaign whose every trajectory failed its audits too often would wait
     for frames no segment will pool. A new generation revives the retired trajectories
-    (``revived`` of them, in the job that decides this).
+    (when ``reviving``, in the job that decides this, they count as sampling).
     """
     training, selection = campaign.training, campaign.selection
     if not campaign.running or training.running or selection.pending:
         return None
-    if counts[SAMPLING] + revived or counts[UNCALCULATED] > 0:
+    if not campaign.idle_trajectories:  # every trajectory samples: nothing to count
+        return None
+    if counts[REVIVABLE if reviving else SAMPLING] or counts[UNCALCULATED] > 0:
         return None
     if counts[POOLED_FRAMES]:
         return "select"
@@ -215,11 +217,7 @@ def trajectory_starts(
 
 
 def _advance(
-    decision: Decision,
-    campaign: Campaign,
-    counts: Mapping[str, int],
-    revived: int = 0,
-    known_sampling: bool = False,
+    decision: Decision, campaign: Campaign, counts: Mapping[str, int], known_sampling: bool = False
 ) -> Decision:
     """The common tail of every decision: the next round, else the end, else keep going
     (never while a trajectory is ``known_sampling``)."""
@@ -230,7 +228,7 @@ def _advance(
     decision.finish = finish_reason(campaign, counts)
     if decision.finish is not None:
         return decision
-    move = None if known_sampling else keep_going(campaign, counts, revived)
+    move = None if known_sampling else keep_going(campaign, counts, decision.revive)
     if move == "select":
         decision.request_selection = True
     elif move == "train":
@@ -269,11 +267,9 @@ def after_audit(
 def after_selection(
     campaign: Campaign, number: int, selected: list[str], counts: Mapping[str, int]
 ) -> Decision:
-    """A selection is stored: calculations of its frames, and the next selection if due."""
+    """A selection is stored: calculations of its frames (it took every pooled frame: the
+    segments to come queue the next one)."""
     decision = Decision(jobs=[CalculationJobs(number, selected)] if selected else [])
-    if selection_due(campaign, counts):
-        decision.request_selection = True
-        return decision
     return _advance(decision, campaign, counts)
 
 
@@ -292,6 +288,5 @@ def after_generation(
         return Decision(finish=reason)
     if record.generation == 0:
         return Decision(start_trajectories=True)
-    decision = Decision(revive=segment_may_run(campaign))
-    revived = counts[RETIRED] if decision.revive else 0
-    return _advance(decision, campaign, counts, revived)
+    revive = segment_may_run(campaign) and campaign.idle_trajectories  # else none retired
+    return _advance(Decision(revive=revive), campaign, counts)

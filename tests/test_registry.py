@@ -261,8 +261,10 @@ def test_a_generation_trains_on_one_snapshot_retrains_a_diverged_member_and_warm
     fresh = registry.get_campaign(mongo_database, "snap")
     assert registry.claim_training_round(mongo_database, fresh, 1, "other") is None  # running
 
-    following = registry.claim_generation_follow_up(mongo_database, "snap", 0, "owner")
+    following = registry.claim_generation_follow_up(mongo_database, "snap", published, "owner")
     assert following is not None and not following.training.running
+    assert [member.id for member in following.committee] == ["snap-g000-m00", "snap-g000-m01"]
+    assert registry.claim_generation_follow_up(mongo_database, "snap", published, "other") is None
     assert registry.claim_training_round(mongo_database, following, 1, "owner") == 1
     warm, _, _ = campaign._train_and_register(mongo_database, following, 1, 0, first)
     assert warm.parent_model == "snap-g000-m00" and warm.training_set_size == 13

@@ -58,7 +58,7 @@ class Counts(Mapping[str, int]):
 def counts(**values: int) -> Counts:
     """Counts with every name present (zero unless given)."""
     names = (steering.SUCCESSFUL, steering.BUDGETED, steering.POOLED_FRAMES, steering.SAMPLING)
-    names += (steering.RETIRED, steering.UNCALCULATED)
+    names += (steering.REVIVABLE, steering.UNCALCULATED)
     return Counts(**(dict.fromkeys(names, 0) | values))
 
 
@@ -74,6 +74,11 @@ def campaign(spent: int = 0, trained: int = 12, **state) -> Campaign:
         "followed_up_generation": 0,
     }
     return Campaign.model_validate(document | state)
+
+
+def idle(spent: int = 2, **state) -> Campaign:
+    """A campaign one of whose trajectories retired since the last revival."""
+    return campaign(spent, idle_trajectories=True, **state)
 
 
 def trajectory(**state) -> Trajectory:
@@ -146,7 +151,7 @@ def test_a_generation_that_reaches_the_target_force_error_ends_the_campaign():
     decision = steering.after_generation(campaign(spent=8), record(2, 0.04), counts())
     assert decision.finish.startswith("validation force error 0.0400 eV/A reached the target")
     assert decision.claim_round is None and not decision.revive
-    live = counts(sampling_trajectories=2)
+    live = counts(sampling_or_retired_trajectories=2)
     assert steering.after_generation(campaign(spent=8), record(2, 0.06), live).finish is None
 
 
@@ -191,50 +196,63 @@ def test_an_audit_adds_the_next_segment_while_its_trajectory_samples():
 
 def test_generation_0_starts_the_trajectories_and_later_ones_revive_the_retired():
     assert steering.after_generation(campaign(), record(0, 0.2), counts()).start_trajectories
-    later = steering.after_generation(campaign(spent=8), record(1, 0.2), counts())
+    later = steering.after_generation(idle(8), record(1, 0.2), counts())
     assert later.revive and not later.start_trajectories
-    spent = steering.after_generation(campaign(spent=20, trained=32), record(4, 0.2), counts())
+    spent = steering.after_generation(idle(20, trained=32), record(4, 0.2), counts())
     assert not spent.revive
+    none_retired = counts(sampling_trajectories=2)
+    assert not steering.after_generation(campaign(spent=8), record(1, 0.2), none_retired).revive
 
 
 # --- every trajectory retired: keep going ---
 
 
 def test_keep_going_selects_pooled_frames_once_every_trajectory_retired():
-    left = counts(pooled_frames=3, retired_trajectories=2)
-    assert steering.keep_going(campaign(spent=5), left) == "select"
-    decision = steering.after_calculation(campaign(spent=5), left)
+    left = counts(pooled_frames=3)
+    assert steering.keep_going(idle(5), left) == "select"
+    decision = steering.after_calculation(idle(5), left)
     assert decision.request_selection and decision.claim_round is None
 
 
 def test_keep_going_trains_on_new_results_then_ends_with_nothing_new_to_learn():
-    new = counts(successful_results=14, retired_trajectories=2)
-    assert steering.keep_going(campaign(spent=2), new) == "train"
-    assert steering.after_calculation(campaign(spent=2), new).claim_round == 1
-    nothing = counts(successful_results=12, retired_trajectories=2)
-    assert steering.after_calculation(campaign(spent=2), nothing).finish == steering.ALL_RETIRED
+    new = counts(successful_results=14)
+    assert steering.keep_going(idle(), new) == "train"
+    assert steering.after_calculation(idle(), new).claim_round == 1
+    nothing = counts(successful_results=12)
+    assert steering.after_calculation(idle(), nothing).finish == steering.ALL_RETIRED
 
 
 def test_keep_going_waits_for_live_trajectories_pending_work_and_revived_ones():
-    idle = {"successful_results": 12}
-    assert steering.keep_going(campaign(spent=2), counts(sampling_trajectories=1, **idle)) is None
-    assert steering.keep_going(campaign(spent=2), counts(uncalculated_frames=2, **idle)) is None
-    pending = campaign(spent=2, selection={"pending": True, "count": 1})
-    assert steering.keep_going(pending, counts(**idle)) is None
-    training = campaign(spent=2, training={"running": True, "generation": 1})
-    assert steering.keep_going(training, counts(**idle)) is None
-    assert steering.keep_going(campaign(spent=2), counts(**idle), revived=2) is None
+    results = {"successful_results": 12}
+    assert steering.keep_going(idle(), counts(sampling_trajectories=1, **results)) is None
+    assert steering.keep_going(idle(), counts(uncalculated_frames=2, **results)) is None
+    pending = idle(selection={"pending": True, "count": 1})
+    assert steering.keep_going(pending, counts(**results)) is None
+    training = idle(training={"running": True, "generation": 1})
+    assert steering.keep_going(training, counts(**results)) is None
+    revivable = counts(sampling_or_retired_trajectories=2, **results)
+    assert steering.keep_going(idle(), revivable, reviving=True) is None
+    assert steering.keep_going(idle(), revivable) == "finish"  # none sampling
+
+
+def test_keep_going_counts_nothing_while_no_trajectory_retired_since_the_last_revival():
+    asked = counts(successful_results=12)
+    assert steering.keep_going(campaign(spent=2), asked) is None
+    assert steering.after_calculation(campaign(spent=2), asked).finish is None
+    assert asked.asked == set()
 
 
 def test_a_new_generation_that_revives_trajectories_does_not_end_the_campaign():
-    retired = counts(successful_results=12, retired_trajectories=2)
-    decision = steering.after_generation(campaign(spent=2), record(1, 0.2), retired)
+    retired = counts(successful_results=12, sampling_or_retired_trajectories=2)
+    decision = steering.after_generation(idle(), record(1, 0.2), retired)
     assert decision.revive and decision.finish is None
+    none_left = steering.after_generation(idle(), record(1, 0.2), counts())
+    assert none_left.revive and none_left.finish == steering.ALL_RETIRED
 
 
 def test_an_audit_whose_trajectory_still_samples_never_asks_about_the_others():
     asked = counts()
-    steering.after_audit(campaign(spent=5), trajectory(audits_completed=3), 2, asked)
+    steering.after_audit(idle(5), trajectory(audits_completed=3), 2, asked)
     assert asked.asked == {steering.SUCCESSFUL}  # for the next round; nothing for keep-going
 
 
@@ -251,14 +269,12 @@ def test_a_selection_is_queued_once_enough_frames_are_pooled():
     assert not steering.after_segment(pending, "rules-1-t000", 2, full).request_selection
 
 
-def test_a_selection_adds_calculations_of_its_frames_and_the_next_selection_if_due():
-    decision = steering.after_selection(
-        campaign(spent=5), 3, ["f1", "f2"], counts(pooled_frames=10)
-    )
+def test_a_selection_adds_calculations_of_its_frames():
+    decision = steering.after_selection(campaign(spent=5), 3, ["f1", "f2"], counts())
     assert decision.jobs == [steering.CalculationJobs(3, ["f1", "f2"])]
-    assert decision.request_selection
-    empty = steering.after_selection(campaign(spent=5), 4, [], counts(sampling_trajectories=2))
-    assert empty.jobs == [] and not empty.request_selection
+    assert not decision.request_selection  # it took every pooled frame
+    empty = steering.after_selection(idle(5), 4, [], counts(pooled_frames=2))
+    assert empty.jobs == [] and empty.request_selection  # every trajectory retired
 
 
 def test_the_steering_loads_neither_torch_nor_a_database():
