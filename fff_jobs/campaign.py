@@ -236,7 +236,7 @@ def train(database, campaign_id: str, generation: int, member: int) -> Stage:
         following = db.claim_generation_follow_up(database, campaign_id, published, this_job())
         if following is not None:
             stage.campaign = following
-            stage.plans = _follow_up(database, following, generation, published, frames)
+            stage.plans = _follow_up(database, following, published, frames)
     return stage
 
 
@@ -318,12 +318,13 @@ def _divergence(history: list[dict]) -> str | None:
 def _follow_up(
     database,
     campaign: Campaign,
-    generation: int,
     members: Sequence[ModelRecord],
     frames: tuple[list[Atoms], list[str]] | None,
 ) -> list[JobPlan]:
     """What the end of a training round adds: it records the generation's errors, then first
-    segments, the next round, or the end."""
+    segments, the next round, or the end. ``frames``: the generation's training frames, if
+    this run trained a member (else a re-run, which reads them and revives as before)."""
+    generation = members[0].generation
     errors = _generation_errors(database, campaign, generation, members, frames)
     record = GenerationRecord(
         generation=generation,
@@ -336,7 +337,8 @@ def _follow_up(
     db.record_generation(database, campaign.id, record)
     campaign.generations.append(record)
     counts = db.CampaignCounts(database, campaign.id)
-    return apply(database, campaign, steering.after_generation(campaign, record, counts), counts)
+    decision = steering.after_generation(campaign, record, counts, repeated=frames is None)
+    return apply(database, campaign, decision, counts)
 
 
 def _generation_errors(
@@ -403,6 +405,23 @@ def _segment_seed(trajectory_id: str, segment: int) -> int:
     return zlib.crc32(f"{trajectory_id}/{segment}".encode())
 
 
+def _pooled_frames(trajectory: Trajectory, segment: int, generation: int, result) -> list:
+    """The frames a segment keeps, as pooled frames named after the segment."""
+    prefix = f"{trajectory.id}-s{segment:04d}"
+    return [
+        PooledFrame(
+            id=f"{prefix}-f{index:03d}",
+            campaign_id=trajectory.campaign_id,
+            trajectory_id=trajectory.id,
+            segment=segment,
+            generation=generation,
+            frame=frame,
+            sampling_energy=energy,
+        )
+        for index, (frame, energy) in enumerate(zip(result.frames, result.energies, strict=True))
+    ]
+
+
 def _run_segment(database, campaign: Campaign, trajectory: Trajectory, segment: int) -> dict:
     """Run the segment, pool its frames and record it; the job's output."""
     from fff_jobs.committee import committee_uncertainty, predict_committee
@@ -423,20 +442,7 @@ def _run_segment(database, campaign: Campaign, trajectory: Trajectory, segment: 
     if result.final_energy is not None:
         final = predict_committee(models, [result.final_frame.to_atoms()], compute_forces=True)
         prediction = final.frame_prediction(0, generation)
-    prefix = f"{trajectory.id}-s{segment:04d}"
-    pooled = [
-        PooledFrame(
-            id=f"{prefix}-f{index:03d}",
-            campaign_id=campaign.id,
-            trajectory_id=trajectory.id,
-            segment=segment,
-            generation=generation,
-            frame=frame,
-            sampling_energy=energy,
-        )
-        for index, (frame, energy) in enumerate(zip(result.frames, result.energies, strict=True))
-    ]
-    db.pool_frames(database, pooled)
+    db.pool_frames(database, _pooled_frames(trajectory, segment, generation, result))
     last = LastSegment(
         segment=segment,
         steps=result.steps,

@@ -279,14 +279,15 @@ def after_calculation(campaign: Campaign, counts: Mapping[str, int]) -> Decision
 
 
 def after_generation(
-    campaign: Campaign, record: GenerationRecord, counts: Mapping[str, int]
+    campaign: Campaign, record: GenerationRecord, counts: Mapping[str, int], repeated: bool = False
 ) -> Decision:
     """A generation is published and recorded: stop at the target, else sample with it
-    (first segments after generation 0, retired trajectories back after later ones)."""
+    (first segments after generation 0, retired trajectories back after later ones: if
+    any retired, or if an earlier run of this follow-up may have revived them)."""
     reason = target_reached(campaign, record)
     if reason is not None:
         return Decision(finish=reason)
     if record.generation == 0:
         return Decision(start_trajectories=True)
-    revive = segment_may_run(campaign) and campaign.idle_trajectories  # else none retired
+    revive = segment_may_run(campaign) and (campaign.idle_trajectories or repeated)
     return _advance(Decision(revive=revive), campaign, counts)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -209,3 +211,16 @@ def test_atomate2_static_maker_gives_the_same_energy_as_a_task_document(tmp_path
     expected = compute_reference(water_molecule(), ReferenceSettings())
     assert document.output.energy == pytest.approx(expected.energy, abs=1e-8)
     assert np.allclose(document.output.forces, expected.forces, atol=1e-6)
+
+
+def test_a_stored_pyscf_spec_is_read_back_without_importing_pyscf():
+    """A job validates its campaign's stored spec on any worker, PySCF installed or not."""
+    code = (
+        "import sys; from fff_jobs.spec import ReferenceSettings; "
+        "ReferenceSettings(code='pyscf', basis='no-such-basis'); "
+        "print('pyscf' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False"

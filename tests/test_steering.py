@@ -202,6 +202,8 @@ def test_generation_0_starts_the_trajectories_and_later_ones_revive_the_retired(
     assert not spent.revive
     none_retired = counts(sampling_trajectories=2)
     assert not steering.after_generation(campaign(spent=8), record(1, 0.2), none_retired).revive
+    rerun = steering.after_generation(campaign(spent=8), record(1, 0.2), none_retired, True)
+    assert rerun.revive  # the first run may have revived some, and died before adding them
 
 
 # --- every trajectory retired: keep going ---
