@@ -33,6 +33,9 @@ from fff_jobs import steering
 from fff_jobs.calibration import calibration_record
 from fff_jobs.reference import compute_references
 from fff_jobs.schemas import (
+    RETIRED,
+    SAMPLING,
+    STOPPED,
     Campaign,
     GenerationRecord,
     LastSegment,
@@ -371,7 +374,7 @@ def sample(database, campaign_id: str, trajectory_id: str, segment: int) -> Stag
     stage = Stage(campaign, {"repeated": True})
     if trajectory.segments_completed <= segment:
         if not steering.segment_may_run(campaign):
-            db.set_trajectory_status(database, trajectory_id, "stopped")
+            db.set_trajectory_status(database, trajectory_id, STOPPED)
             db.mark_idle_trajectories(database, campaign)
             return Stage(campaign, {"stopped": campaign.stop_reason or steering.BUDGET_SPENT})
         stage.output = _run_segment(database, campaign, trajectory, segment)
@@ -470,7 +473,7 @@ def audit(database, campaign_id: str, trajectory_id: str, segment: int) -> Stage
     stage = Stage(campaign, {"repeated": True})
     if trajectory.audits_completed <= segment:
         stage.output, stage.fresh = _audit(database, campaign, trajectory, segment)
-    if trajectory.status != "sampling":
+    if trajectory.status != SAMPLING:
         db.mark_idle_trajectories(database, campaign)
     counts = db.CampaignCounts(database, campaign_id)
     decision = steering.after_audit(campaign, trajectory, segment, counts)
@@ -484,8 +487,8 @@ def _audit(database, campaign: Campaign, trajectory: Trajectory, segment: int) -
     result_id = f"{trajectory.id}-s{segment:04d}-audit"
     granted, stored = _claim_and_find(database, campaign, [result_id])
     if result_id not in granted:
-        db.set_trajectory_status(database, trajectory.id, "stopped")
-        trajectory.status = "stopped"
+        db.set_trajectory_status(database, trajectory.id, STOPPED)
+        trajectory.status = STOPPED
         return {"stopped": steering.BUDGET_SPENT}, False
     result = stored.get(result_id) or _audit_result(
         database, campaign, trajectory, result_id, granted[result_id]
@@ -497,7 +500,7 @@ def _audit(database, campaign: Campaign, trajectory: Trajectory, segment: int) -
     completed = db.complete_audit(database, trajectory.id, segment, changes)
     trajectory.audits_completed = segment + 1
     trajectory.status = changes["status"]
-    output = {"decision": result.audit.model_dump(), "retired": changes["status"] == "retired"}
+    output = {"decision": result.audit.model_dump(), "retired": changes["status"] == RETIRED}
     fresh = completed and granted[result_id] is not None
     return output | {"repeated": not completed}, fresh
 

@@ -443,7 +443,7 @@ class CampaignCounts(Mapping[str, int]):
             return self._count(REFERENCE_RESULTS, source={"$ne": "initial"})
         if name == steering.POOLED_FRAMES:
             return self._count(FRAME_POOL, status=POOLED)
-        if name == steering.SAMPLING:
+        if name == steering.SAMPLING_TRAJECTORIES:
             return self._count(TRAJECTORIES, status=SAMPLING)
         if name == steering.REVIVABLE:
             return self._count(TRAJECTORIES, status={"$in": [SAMPLING, RETIRED]})

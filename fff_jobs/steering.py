@@ -17,13 +17,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fff_jobs.schemas import AuditDecision, Campaign, GenerationRecord, Trajectory
+from fff_jobs.schemas import (
+    RETIRED,
+    SAMPLING,
+    AuditDecision,
+    Campaign,
+    GenerationRecord,
+    Trajectory,
+)
 
 # what `counts` answers, when asked
 SUCCESSFUL = "successful_results"  # successful reference results, initial ones included
 BUDGETED = "budgeted_results"  # stored results that spent budget (audits and selected frames)
 POOLED_FRAMES = "pooled_frames"  # sampled frames waiting for a selection
-SAMPLING = "sampling_trajectories"
+SAMPLING_TRAJECTORIES = "sampling_trajectories"
 REVIVABLE = "sampling_or_retired_trajectories"  # sampling once retired ones are revived
 UNCALCULATED = "uncalculated_frames"  # selected frames whose result is not stored yet
 
@@ -148,7 +155,7 @@ def keep_going(
         return None
     if not campaign.idle_trajectories:  # every trajectory samples: nothing to count
         return None
-    if counts[REVIVABLE if reviving else SAMPLING] or counts[UNCALCULATED] > 0:
+    if counts[REVIVABLE if reviving else SAMPLING_TRAJECTORIES] or counts[UNCALCULATED] > 0:
         return None
     if counts[POOLED_FRAMES]:
         return "select"
@@ -186,7 +193,7 @@ def audited_trajectory(
         "run_length": decision.run_length,
         "failures": failures,
         "restarts": trajectory.restarts + (not passed),
-        "status": "retired" if failures >= max_failures else "sampling",
+        "status": RETIRED if failures >= max_failures else SAMPLING,
         "last_audit": decision.model_dump(),
     }
 
@@ -259,9 +266,10 @@ def after_audit(
     next round, end or way on."""
     decision = Decision()
     audited = trajectory.audits_completed > segment
-    if audited and trajectory.status == "sampling" and segment_may_run(campaign):
+    if audited and trajectory.status == SAMPLING and segment_may_run(campaign):
         decision.jobs.append(SegmentJob(trajectory.id, segment + 1))
-    return _advance(decision, campaign, counts, known_sampling=trajectory.status == "sampling")
+    sampling = trajectory.status == SAMPLING
+    return _advance(decision, campaign, counts, known_sampling=sampling)
 
 
 def after_selection(

@@ -57,7 +57,12 @@ class Counts(Mapping[str, int]):
 
 def counts(**values: int) -> Counts:
     """Counts with every name present (zero unless given)."""
-    names = (steering.SUCCESSFUL, steering.BUDGETED, steering.POOLED_FRAMES, steering.SAMPLING)
+    names = (
+        steering.SUCCESSFUL,
+        steering.BUDGETED,
+        steering.POOLED_FRAMES,
+        steering.SAMPLING_TRAJECTORIES,
+    )
     names += (steering.REVIVABLE, steering.UNCALCULATED)
     return Counts(**(dict.fromkeys(names, 0) | values))
 
