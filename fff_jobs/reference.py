@@ -266,8 +266,10 @@ class _Child:
 
 
 def _serve(connection: Connection, settings: dict[str, Any]) -> None:
+    """The child's loop; the reference code is imported before it says it is ready, so the
+    time limit counts calculations, not imports."""
     reference = ReferenceSettings.model_validate(settings)
-    calculator = None
+    calculator = _try_make_calculator(reference)
     connection.send(True)
     while True:
         try:
