@@ -46,20 +46,24 @@ class StageMaker(Maker):
     name: str = ""
     category: str | None = None
     priority: int | None = None
-    worker_settings: ClassVar[tuple[str, str]] = ("cpu_category", "ingest_priority")
+    worker_settings: ClassVar[tuple[str, str]]  # the WorkerSettings fields of the stage
 
     def __post_init__(self) -> None:
-        category, priority = self.worker_settings
-        if self.category is None:
-            self.category = getattr(DEFAULT_WORKERS, category)
-        if self.priority is None:
-            self.priority = getattr(DEFAULT_WORKERS, priority)
+        category, priority = self.routing(DEFAULT_WORKERS)
+        self.category = category if self.category is None else self.category
+        self.priority = priority if self.priority is None else self.priority
+
+    @classmethod
+    def routing(cls, workers: WorkerSettings) -> tuple[str, int]:
+        """The worker category and priority these worker settings give the stage."""
+        category, priority = cls.worker_settings
+        return getattr(workers, category), getattr(workers, priority)
 
     @classmethod
     def for_workers(cls, workers: WorkerSettings) -> StageMaker:
         """The Maker with the category and priority a campaign's worker settings give."""
-        category, priority = cls.worker_settings
-        return cls(category=getattr(workers, category), priority=getattr(workers, priority))
+        category, priority = cls.routing(workers)
+        return cls(category=category, priority=priority)
 
     def _named(self, work: Job, campaign_id: str, *parts: object) -> Job:
         work.name = " ".join([campaign_id, self.name, *map(str, parts)])
