@@ -32,6 +32,7 @@ NO_JONGODB = (
     "(it installs it with npm into tests/server/)"
 )
 EMBEDDED_KEY = "MONGOMOCK_SERVERSTORE_FILE"
+STALLED_SECONDS = 120  # a worker with nothing to run, and no job running anywhere, stops
 # where each kind of task records its own wall time
 TASK_COLLECTIONS = {
     "training": "models",
@@ -65,7 +66,8 @@ def project_environment(directory: Path, **extra: str) -> dict[str, str]:
     environment = {key: value for key, value in os.environ.items() if key != EMBEDDED_KEY}
     environment.update(worker_environment(Project(directory)))
     environment["PATH"] = f"{PYTHON.parent}{os.pathsep}{environment['PATH']}"
-    environment["PYTHONPATH"] = str(BENCHMARKS)
+    paths = [str(BENCHMARKS), os.environ.get("PYTHONPATH", "")]
+    environment["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
     environment.setdefault("OMP_NUM_THREADS", "1")
     environment.update(extra)
     return environment
@@ -109,30 +111,24 @@ def jongodb_server() -> Iterator[str]:
 
 
 def use_server(directory: Path, uri: str) -> None:
-    """Switch a project to a server with `fff init --uri`, as a user would (jongodb: no drop)."""
+    """Switch a project to a server with `fff init --uri`, as a user would."""
     run_in_project(directory, "fff", "init", "--uri", uri, "--force", timeout=120)
-    fw_config = directory / "fw_config" / "FW_config.yaml"
-    settings = yaml.safe_load(fw_config.read_text())
-    settings["GRIDFS_FALLBACK_COLLECTION"] = None
-    fw_config.write_text(yaml.safe_dump(settings))
-    # fff init writes `maggma.stores` for GridFSURIStore, which lives in maggma.stores.gridfs
-    # (maggma 0.77): jobflow then cannot build the JobStore. Fixed here until fff init is.
-    jobflow = directory / "fw_config" / "jobflow.yaml"
-    text = jobflow.read_text()
-    wrong = "'@module': maggma.stores\n      '@class': GridFSURIStore"
-    right = "'@module': maggma.stores.gridfs\n      '@class': GridFSURIStore"
-    jobflow.write_text(text.replace(wrong, right))
 
 
 # --- campaigns and their records ---
 
 
-def run_campaign(directory: Path, spec: dict, timeout: float = 3600) -> dict:
-    """Submit and run a campaign in its project (one process, like `fff run`); its records."""
+def run_campaign(directory: Path, spec: dict, timeout: float = 3600, workers: int = 1) -> dict:
+    """Submit and run a campaign in its project; its records.
+
+    One worker runs every job in one process, like `fff run`. Several workers need the
+    project on a server (:func:`use_server`): they run jobs side by side, as workers
+    on a node would.
+    """
     (directory / "spec.yaml").write_text(yaml.safe_dump(spec))
     output = directory / "records.json"
     script = str(BENCHMARKS / "common.py")
-    arguments = ("campaign", "spec.yaml", str(output))
+    arguments = ("campaign", "spec.yaml", str(output), "--workers", str(workers))
     run_in_project(directory, str(PYTHON), script, *arguments, timeout=timeout)
     return json.loads(output.read_text())
 
@@ -169,8 +165,9 @@ def dump_records(database, campaign_id: str, path: Path, run_wall_time: float | 
     path.write_text(json.dumps(records, default=_jsonable))
 
 
-def _campaign_command(spec_file: str, output: str) -> None:
-    """Inside a project: submit the campaign, run every job here, dump its records."""
+def _campaign_command(spec_file: str, output: str, workers: int) -> None:
+    """Inside a project: submit the campaign, run its jobs here (and in ``workers - 1``
+    other processes), dump its records."""
     from fff_jobs.config import activate, project_database
 
     activate()
@@ -180,9 +177,44 @@ def _campaign_command(spec_file: str, output: str) -> None:
 
     start = time.perf_counter()
     campaign_id = submit_campaign(CampaignSpec.from_yaml(spec_file))
-    run_until_done(log_file=Path(output).with_suffix(".log").resolve())
+    log = Path(output).with_suffix(".log").resolve()
+    if workers == 1:
+        run_until_done(log_file=log)
+    else:
+        command = [str(PYTHON), __file__, "work", campaign_id, str(log)]
+        others = [subprocess.Popen(command) for _ in range(workers - 1)]
+        _work_command(campaign_id, str(log))
+        for other in others:
+            other.wait()
     elapsed = time.perf_counter() - start
     dump_records(project_database(), campaign_id, Path(output), elapsed)
+
+
+def _work_command(campaign_id: str, log: str) -> None:
+    """One of several workers on a server: run rockets until the campaign is complete and no
+    job is left to run (rlaunch rapidfire would stop while other workers' jobs still add)."""
+    from fireworks import FWorker
+    from fireworks.core.rocket_launcher import launch_rocket
+
+    from fff_jobs import database as db
+    from fff_jobs.config import activate, load_launchpad, project_database
+    from fff_jobs.workers import output_to
+
+    activate()
+    launchpad, database, worker = load_launchpad(), project_database(), FWorker(category="")
+    idle_since = time.monotonic()
+    with output_to(Path(log)):
+        while time.monotonic() - idle_since < STALLED_SECONDS:
+            if launchpad.run_exists(worker):
+                launch_rocket(launchpad, worker)
+                idle_since = time.monotonic()
+                continue
+            busy = launchpad.fireworks.count_documents({"state": {"$in": ["RUNNING", "RESERVED"]}})
+            if not busy and not db.get_campaign(database, campaign_id).running:
+                return
+            if busy:
+                idle_since = time.monotonic()
+            time.sleep(0.5)
 
 
 def _records_command(output: str, campaign_id: str | None) -> None:
@@ -256,12 +288,18 @@ def main() -> None:
     campaign = commands.add_parser("campaign")
     campaign.add_argument("spec")
     campaign.add_argument("output")
+    campaign.add_argument("--workers", type=int, default=1)
+    work = commands.add_parser("work")
+    work.add_argument("campaign_id")
+    work.add_argument("log")
     records = commands.add_parser("records")
     records.add_argument("output")
     records.add_argument("campaign_id", nargs="?")
     arguments = parser.parse_args()
     if arguments.command == "campaign":
-        _campaign_command(arguments.spec, arguments.output)
+        _campaign_command(arguments.spec, arguments.output, arguments.workers)
+    elif arguments.command == "work":
+        _work_command(arguments.campaign_id, arguments.log)
     else:
         _records_command(arguments.output, arguments.campaign_id)
 

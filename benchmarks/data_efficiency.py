@@ -35,9 +35,11 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tblite beside other processes (see DESIGN.md)
 
 import argparse
+import contextlib
+import json
 import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import common
@@ -276,9 +278,9 @@ def targets(summary: dict, budgets: list[int]) -> dict:
         for b in budgets
     }
     return {
-        "campaign at B reaches random ML-MD at 2B (force MAE)": {
+        "campaign at B >= 50 reaches random ML-MD at 2B (force MAE)": {
             "figures": halving,
-            "met": bool(halving) and all(a <= b for a, b in halving.values()),
+            "met": all(a <= b for a, b in halving.values()) if halving else None,
         },
         "campaign 95th percentile below random ML-MD at every budget": {
             "figures": tail,
@@ -337,6 +339,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--spec", default="workflows/water_xtb.yaml")
     parser.add_argument("--workers", type=int, default=2, help="training processes at once")
+    parser.add_argument(
+        "--campaign-workers",
+        type=int,
+        default=1,
+        help="workers per campaign; above 1 the campaigns run on a jongodb test server",
+    )
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.budgets, arguments.seeds = [10, 20], [0]
@@ -353,8 +361,14 @@ def main() -> None:
     specs = campaign_specs(arguments)
     first = CampaignSpec.model_validate(specs[0])
     steps = 60 if arguments.quick else 400
-    with ThreadPoolExecutor(max_workers=len(specs) + 2) as background:
-        campaigns = [background.submit(run_one_campaign, spec) for spec in specs]
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(specs) + 2) as background:
+        uri = None
+        if arguments.campaign_workers > 1:
+            uri = stack.enter_context(common.jongodb_server())
+        campaigns = [
+            background.submit(run_one_campaign, spec, uri, arguments.campaign_workers)
+            for spec in specs
+        ]
         holdout = background.submit(holdout_set, first, steps)
         pools = [
             background.submit(reference_md_pool, CampaignSpec.model_validate(spec), steps)
@@ -368,9 +382,7 @@ def main() -> None:
         for record, spec, pool in zip(records, specs, pools, strict=True)
         for task in training_tasks(record, spec, arguments.budgets, holdout, pool)
     ]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(arguments.workers, mp_context=context) as workers:
-        rows = list(workers.map(train_and_score, tasks))
+    rows = train_all(tasks, arguments.workers)
     summary = summarise(rows, arguments.budgets)
     verdicts = targets(summary, arguments.budgets)
     headers = ("budget", "strategy", *METRICS, "stable MD steps")
@@ -379,8 +391,9 @@ def main() -> None:
         f"{time.perf_counter() - started:.0f} s; {note}"
     )
     common.print_table(title, headers, table_rows(summary, arguments.budgets))
+    outcome = {True: "met", False: "NOT met", None: "not measured (budgets lack B >= 50 and 2B)"}
     for name, verdict in verdicts.items():
-        print(f"target: {name}: {'met' if verdict['met'] else 'NOT met'} {verdict['figures']}")
+        print(f"target: {name}: {outcome[verdict['met']]} {verdict['figures']}")
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(summary, arguments.budgets, common.RESULTS / "data_efficiency.png")
     figures = {"machine": note, "budgets": arguments.budgets, "seeds": arguments.seeds}
@@ -390,10 +403,30 @@ def main() -> None:
     common.write_results("data_efficiency", figures)
 
 
-def run_one_campaign(spec: dict) -> dict:
-    """A campaign in its own temporary project, run as `fff run` runs it; its records."""
+def train_all(tasks: list[dict], workers: int) -> list[dict]:
+    """Every task's figures; each row is also appended to a JSON-lines file as it comes in,
+    so a run cut short keeps what it measured."""
+    common.RESULTS.mkdir(parents=True, exist_ok=True)
+    partial = common.RESULTS / "data_efficiency_rows.jsonl"
+    partial.write_text("")
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        for future in as_completed([pool.submit(train_and_score, task) for task in tasks]):
+            rows.append(future.result())
+            with partial.open("a") as handle:
+                handle.write(json.dumps(rows[-1]) + "\n")
+            print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def run_one_campaign(spec: dict, server: str | None, workers: int) -> dict:
+    """A campaign in its own temporary project, run as `fff run` runs it (or by several
+    workers, on the server); its records."""
     project = common.temporary_project(prefix="fff-efficiency-")
-    records = common.run_campaign(project, spec)
+    if server is not None:
+        common.use_server(project, f"{server}/efficiency{spec['training']['seed']}")
+    records = common.run_campaign(project, spec, workers=workers)
     campaign = records["campaign"]
     print(f"  campaign {campaign['_id']} in {project}: {campaign['status']}, spent", end=" ")
     print(f"{campaign['budget']['spent']} of {campaign['budget']['num_to_run']}", flush=True)

@@ -74,24 +74,99 @@ def init(
     directory: Annotated[Path, typer.Option(help="Project directory")] = Path("."),
     force: Annotated[bool, typer.Option(help="Overwrite existing configuration files")] = False,
     check: Annotated[bool, typer.Option(help="Check that the server answers first")] = True,
+    slurm: Annotated[
+        str | None,
+        typer.Option(
+            help="Write the Slurm qadapter of this worker (gpu or cpu) with the options "
+            "below (the rest at their defaults), instead of the database configuration"
+        ),
+    ] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="Slurm: CPUs per job")] = None,
+    walltime: Annotated[
+        str | None, typer.Option(help="Slurm: wall time per job, [days-]hours:minutes:seconds")
+    ] = None,
+    partition: Annotated[str | None, typer.Option(help="Slurm: partition")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm: account to charge")] = None,
+    gres: Annotated[
+        str | None, typer.Option(help="Slurm, GPU worker: GPU request (default gpu:1; '' none)")
+    ] = None,
 ) -> None:
-    """Write the project's configuration for the embedded store or a MongoDB server."""
+    """Write the project's configuration (embedded store or MongoDB server) or a Slurm qadapter."""
+    queue = {"cpus_per_task": cpus_per_task, "walltime": walltime, "partition": partition,
+             "account": account, "gres": gres}  # fmt: skip
+    if slurm is not None or any(value is not None for value in queue.values()):
+        adapter = _write_slurm_adapter(directory, slurm, uri or uri_env, force, queue)
+        typer.echo(f"wrote {adapter}")
+        return
+    for path in _write_database_configuration(directory, uri, uri_env, force, check):
+        typer.echo(f"wrote {path}")
+    typer.echo("now run: source fw_config/env.sh   (or source .venv/bin/activate)")
+
+
+def _write_database_configuration(
+    directory: Path, uri: str | None, uri_env: str | None, force: bool, check: bool
+) -> list[Path]:
     if uri_env is not None:
         if uri is not None:
             raise config.ConfigError("give --uri or --uri-env, not both")
         uri = os.environ.get(uri_env)
         if not uri:
             raise config.ConfigError(f"environment variable {uri_env} is not set (or empty)")
-    written = project_files.write_configuration(directory.resolve(), uri, force=force, check=check)
-    for path in written:
-        typer.echo(f"wrote {path}")
-    typer.echo("now run: source fw_config/env.sh   (or source .venv/bin/activate)")
+    return project_files.write_configuration(directory.resolve(), uri, force=force, check=check)
+
+
+def _write_slurm_adapter(
+    directory: Path, worker: str | None, uri: str | None, force: bool, queue: dict
+) -> Path:
+    if worker is None:
+        raise config.ConfigError("Slurm options need --slurm gpu or --slurm cpu (which adapter)")
+    if uri is not None:
+        raise config.ConfigError("give --slurm or --uri/--uri-env, one per `fff init`")
+    settings = project_files.slurm_settings(worker, **queue)
+    return project_files.write_slurm_adapter(directory.resolve(), worker, settings, force)
+
+
+# A live update holds a workflow's lock, or leaves a new Firework in no workflow, for
+# well under this: what stays so this long (and unchanged) was left by a dead worker.
+OBSERVE_SECS = 5
+
+
+def campaign_violations(campaign_id: str, damage=None) -> list[str]:
+    """What breaks the campaign's invariants now (see fff_jobs/invariants.py)."""
+    from fff_jobs.invariants import check_campaign
+    from fff_jobs.repair import inspect
+
+    if damage is None:
+        damage = inspect(config.load_launchpad(), OBSERVE_SECS)
+    return check_campaign(config.project_database(), campaign_id, damage).violations
+
+
+def broken(launchpad, campaign_id: str | None) -> list[str]:
+    """What is damaged in FireWorks' records, and what breaks the campaign's invariants."""
+    from fff_jobs.repair import inspect
+
+    damage = inspect(launchpad, OBSERVE_SECS)
+    problems = damage.describe()
+    if campaign_id is None:
+        return problems
+    own = damage.describe(f"{campaign_id} ")
+    violations = campaign_violations(campaign_id, damage)
+    return [line for line in problems if line not in own] + [
+        f"{campaign_id}: {line}" for line in violations
+    ]
 
 
 @app.command()
 @clear_errors
-def doctor() -> None:
-    """Check the database, stores and versions, and which worker categories have work waiting."""
+def doctor(
+    campaign: Annotated[
+        str | None, typer.Argument(help="Campaign id: also check that it can finish")
+    ] = None,
+) -> None:
+    """Check the database, stores, versions and waiting work; with an id, a campaign's invariants.
+
+    Exits with status 1 when FireWorks' records are damaged or an invariant is broken.
+    """
     project = config.activate()
     mode = "embedded" if project.embedded_file else "mongodb"
     typer.echo(f"project     {project.directory} ({mode} store)")
@@ -99,7 +174,7 @@ def doctor() -> None:
         typer.echo(f"{package:<11} {importlib.metadata.version(package)}")
     settings = config.read_yaml(project.launchpad_file)
     launchpad = config.load_launchpad()
-    typer.echo(f"database    {config.describe_server(settings)}/{launchpad.name}: reachable")
+    typer.echo(f"database    {config.describe_database(settings)}: reachable")
     store = config.load_job_store()
     store.connect()
     typer.echo(f"job store   {type(store.docs_store).__name__}: {store.docs_store.count()} outputs")
@@ -111,6 +186,15 @@ def doctor() -> None:
     for category, states in waiting_work(launchpad).items():
         counts = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
         typer.echo(f"work        {category}: {counts}")
+    problems = broken(launchpad, campaign)
+    for line in problems:
+        typer.echo(f"broken      {line}")
+    if problems:
+        typer.echo("run `fff recover` (`fff recover --expire 0` once no worker runs)", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        "invariants  " + (f"{campaign}: every one holds" if campaign else "FireWorks: intact")
+    )
 
 
 @app.command()
@@ -285,6 +369,14 @@ def print_status(campaign_id: str) -> None:
         counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(states.items()))
         rows.append((f"jobs ({category})", counts))
     rows += [("problem", reason) for reason in status["problems"]]
+    violations = campaign_violations(campaign_id)
+    rows += [("stuck", line) for line in violations]
+    rows.append(
+        (
+            "invariants",
+            f"{len(violations)} broken: fff doctor {campaign_id}" if violations else "all hold",
+        )
+    )
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
@@ -359,6 +451,9 @@ def export(
         typer.echo(f"wrote {path}")
 
 
+LOCK_WAIT_SECS = 30
+
+
 @app.command()
 @clear_errors
 def recover(
@@ -369,15 +464,34 @@ def recover(
             "(default: RUN_EXPIRATION_SECS of FW_config.yaml)"
         ),
     ] = None,
+    lock_wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a workflow must stay locked (or a Firework in no workflow) unchanged "
+            "to count as left by a dead worker; at most --expire"
+        ),
+    ] = LOCK_WAIT_SECS,
 ) -> None:
-    """Re-run jobs whose worker died (lpad detect_lostruns --rerun) and repair their claims."""
+    """Repair what dead workers left: FireWorks' records, lost jobs, claims, stuck trajectories.
+
+    Exits with status 1 while anything is left that it could not repair.
+    """
     project = config.activate()
     from fireworks.fw_config import RUN_EXPIRATION_SECS
 
-    from fff_jobs.campaign import recover as recover_campaigns
+    from fff_jobs.recovery import recover as recover_campaigns
 
     if project.embedded_file:
         typer.echo(EMBEDDED_RECOVERY.format(file=project.embedded_file), err=True)
     expiration = RUN_EXPIRATION_SECS if expire is None else expire
-    for line in recover_campaigns(config.load_launchpad(), config.project_database(), expiration):
+    report = recover_campaigns(
+        config.load_launchpad(), config.project_database(), expiration, lock_wait
+    )
+    for line in report.lines:
         typer.echo(line)
+    if report.unrepaired:
+        typer.echo("left to repair:", err=True)
+        for line in report.unrepaired:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(1)
+    typer.echo("nothing left to repair")

@@ -7,8 +7,11 @@ A project is a directory holding ``my_launchpad.yaml`` and ``fw_config/``. Two m
   exits, so one process may use it at a time and a killed process loses all it
   did. Job outputs go to SQLite files (``ProjectMontyStore``) that persist on
   their own. For the quick start and single-worker tests only.
-- *mongodb*: ``my_launchpad.yaml`` points at a server; job outputs go to the
-  collection ``outputs`` and large data to the GridFS bucket ``outputs_data``.
+- *mongodb*: the server's LaunchPad and job store, URI and any credentials
+  included, are in git-ignored files readable by their owner only
+  (``.fff/private/``); ``my_launchpad.yaml`` and ``fw_config/`` name the server
+  without them. Job outputs go to the collection ``outputs`` and large data to
+  the GridFS bucket ``outputs_data``.
 
 FireWorks reads its settings when it is first imported, so :func:`activate` must
 run before anything imports ``fireworks`` or ``jobflow``.
@@ -20,6 +23,7 @@ import functools
 import gc
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,9 @@ from maggma.stores import MontyStore
 EMBEDDED_KEY = "MONGOMOCK_SERVERSTORE_FILE"
 EMBEDDED_FILE = ".fff/fireworks.json"
 JOB_STORE_DIRECTORY = ".fff/jobstore"
+PRIVATE_DIRECTORY = ".fff/private"
+LAUNCHPAD_NAME = "my_launchpad.yaml"
+JOBFLOW_NAME = "jobflow.yaml"
 OUTPUTS_COLLECTION = "outputs"
 DATA_COLLECTION = "outputs_data"
 CONNECT_TIMEOUT_MS = 5000
@@ -46,8 +53,16 @@ class Project:
     directory: Path
 
     @property
+    def private_directory(self) -> Path:
+        """Where `fff init --uri` keeps the server's URI and credentials (git-ignored, mode 700)."""
+        return self.directory / PRIVATE_DIRECTORY
+
+    @property
     def launchpad_file(self) -> Path:
-        return self.directory / "my_launchpad.yaml"
+        """The LaunchPad FireWorks and fff read: the private one when a server is set, else the
+        project's my_launchpad.yaml."""
+        private = self.private_directory / LAUNCHPAD_NAME
+        return private if private.is_file() else self.directory / LAUNCHPAD_NAME
 
     @property
     def fw_config_file(self) -> Path:
@@ -55,7 +70,15 @@ class Project:
 
     @property
     def jobflow_file(self) -> Path:
-        return self.directory / "fw_config" / "jobflow.yaml"
+        """The jobflow settings jobflow reads: the private ones when a server is set."""
+        private = self.private_directory / JOBFLOW_NAME
+        return private if private.is_file() else self.directory / "fw_config" / JOBFLOW_NAME
+
+    @property
+    def configuration_files(self) -> list[Path]:
+        """Every LaunchPad and jobflow file of the project that exists or must exist."""
+        shared = [self.directory / LAUNCHPAD_NAME, self.directory / "fw_config" / JOBFLOW_NAME]
+        return list(dict.fromkeys([*shared, self.launchpad_file, self.jobflow_file]))
 
     def fworker_file(self, category: str) -> Path:
         return self.directory / "fw_config" / f"my_fworker_{category}.yaml"
@@ -105,7 +128,9 @@ def worker_environment(project: Project) -> dict[str, str]:
     environment = {
         "FFF_PROJECT_DIR": str(project.directory),
         "FW_CONFIG_FILE": str(project.fw_config_file),
+        "FFF_LAUNCHPAD_FILE": str(project.launchpad_file),
         "JOBFLOW_CONFIG_FILE": str(project.jobflow_file),
+        "FFF_PYTHON_BIN": os.environ.get("FFF_PYTHON_BIN") or str(Path(sys.executable).parent),
     }
     if project.embedded_file is not None:
         environment[EMBEDDED_KEY] = str(project.embedded_file)
@@ -115,7 +140,7 @@ def worker_environment(project: Project) -> dict[str, str]:
 def activate(project: Project | None = None) -> Project:
     """Point this process at the project's configuration; creates the embedded store if new."""
     project = project or find_project()
-    for path in (project.launchpad_file, project.jobflow_file):
+    for path in project.configuration_files:
         read_yaml(path)
     environment = worker_environment(project)
     if EMBEDDED_KEY not in environment:
@@ -133,11 +158,25 @@ def redact(text: str) -> str:
     return re.sub(r"(mongodb(?:\+srv)?://[^:/@\s]+:)[^@\s]+@", r"\1***@", text)
 
 
+def public_uri(uri: str) -> str:
+    """A MongoDB URI without its user, password and options: the server and database only."""
+    return re.sub(r"^(mongodb(?:\+srv)?://)[^@/]*@", r"\1", uri.split("?", 1)[0])
+
+
 def describe_server(settings: dict[str, Any]) -> str:
     """Where a LaunchPad's settings point, without credentials."""
     if settings.get("uri_mode"):
         return redact(str(settings.get("host")))
     return f"{settings.get('host', 'localhost')}:{settings.get('port', 27017)}"
+
+
+def describe_database(settings: dict[str, Any]) -> str:
+    """The server and database a LaunchPad's settings name, without credentials or options."""
+    name = settings.get("name") or "fireworks"
+    if settings.get("uri_mode"):
+        server = public_uri(str(settings.get("host"))).rstrip("/")
+        return server if server.endswith(f"/{name}") else f"{server}/{name}"
+    return f"{describe_server(settings)}/{name}"
 
 
 @functools.cache
@@ -167,8 +206,20 @@ def load_launchpad():
             f"in {project.launchpad_file}, or run `fff init` for the embedded store"
         ) from None
     if launchpad.fw_id_assigner.find_one() is None and launchpad.fireworks.find_one() is None:
-        launchpad.reset("", require_password=False)
+        initialise(launchpad)
     return launchpad
+
+
+def initialise(launchpad) -> None:
+    """Prepare an empty FireWorks database: id counters and indexes, as `lpad reset` would.
+
+    Unlike ``reset`` it drops nothing (servers without the ``drop`` command, such as
+    the jongodb test server, accept it), and two processes doing it at once agree.
+    """
+    launchpad.fw_id_assigner.update_one(
+        {"_id": -1}, {"$setOnInsert": {"next_fw_id": 1, "next_launch_id": 1}}, upsert=True
+    )
+    launchpad.tuneup()
 
 
 def load_job_store():

@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import bson
 import gridfs
@@ -43,6 +44,7 @@ from fff_jobs.schemas import (
     RUNNING,
     SAMPLING,
     SELECTED,
+    STOPPED,
     BudgetClaim,
     Campaign,
     GenerationRecord,
@@ -345,7 +347,7 @@ def create_campaign(database: Database, new: NewCampaign) -> bool:
     Idempotent: a campaign stored before is left as it is (False). The first job of a
     workflow file calls this too, with the campaign it carries.
     """
-    if database[CAMPAIGNS].count_documents({"_id": new.campaign_id}, limit=1):
+    if campaign_exists(database, new.campaign_id):
         return False
     ensure_indexes(database)
     for collection, frames in (
@@ -374,6 +376,10 @@ def create_campaign(database: Database, new: NewCampaign) -> bool:
     return result.upserted_id is not None
 
 
+def campaign_exists(database: Database, campaign_id: str) -> bool:
+    return database[CAMPAIGNS].count_documents({"_id": campaign_id}, limit=1) > 0
+
+
 def get_campaign(database: Database, campaign_id: str) -> Campaign:
     """The campaign, or an error that says how to find the right id."""
     document = database[CAMPAIGNS].find_one({"_id": campaign_id})
@@ -391,13 +397,23 @@ def list_campaigns(database: Database) -> list[Campaign]:
 
 
 def finish_campaign(database: Database, campaign_id: str, reason: str) -> bool:
-    """Mark a running campaign complete; True for the one caller that did."""
+    """Mark a running campaign complete, and its sampling trajectories stopped; True for the one
+    caller that completed it."""
     before = database[CAMPAIGNS].find_one_and_update(
         {"_id": campaign_id, "status": RUNNING},
         {"$set": {"status": COMPLETE, "stop_reason": reason, "finished_at": now()}},
         projection={"_id": 1},
     )
+    stop_sampling(database, campaign_id)
     return before is not None
+
+
+def stop_sampling(database: Database, campaign_id: str) -> int:
+    """Mark the sampling trajectories of a finished campaign stopped; how many were."""
+    result = database[TRAJECTORIES].update_many(
+        {"campaign_id": campaign_id, "status": SAMPLING}, {"$set": {"status": STOPPED}}
+    )
+    return result.modified_count
 
 
 def starting_structures(database: Database, campaign_id: str) -> list[StartingStructure]:
@@ -588,6 +604,12 @@ def unclaimed_budget(database: Database, campaign_id: str, owners: set[str]) -> 
     return [result_id for result_id in claimed if result_id not in stored]
 
 
+def claimed_results(database: Database, campaign_id: str) -> list[str]:
+    """The result id of each of the campaign's budget claims (one per calculation spent)."""
+    found = database[BUDGET_CLAIMS].find({"campaign_id": campaign_id}, {"result_id": 1})
+    return [claim["result_id"] for claim in found]
+
+
 def reserve_sequence(database: Database, campaign_id: str, count: int) -> int:
     """Number ``count`` results to be stored (not budgeted ones: the initial data); the first."""
     after = database[CAMPAIGNS].find_one_and_update(
@@ -771,10 +793,11 @@ def complete_audit(database: Database, trajectory_id: str, segment: int, changes
 
     One update, conditional on the audit count the caller read the trajectory
     under: only this segment's audit changes it, so ``changes`` may be computed
-    from that read and simply set.
+    from that read and simply set. A stopped trajectory (its campaign finished) stays
+    stopped.
     """
     result = database[TRAJECTORIES].update_one(
-        {"_id": trajectory_id, "audits_completed": segment},
+        {"_id": trajectory_id, "audits_completed": segment, "status": {"$ne": STOPPED}},
         {"$set": {"audits_completed": segment + 1, **changes}},
     )
     return result.modified_count == 1
@@ -983,6 +1006,39 @@ def trajectory_states(database: Database, campaign_id: str) -> list[tuple[str, s
     ]
 
 
+class TrajectoryProgress(NamedTuple):
+    """How far a trajectory got: the segments it ran and the audits applied to it."""
+
+    id: str
+    segments_completed: int
+    audits_completed: int
+
+
+def sampling_trajectories(database: Database, campaign_id: str) -> list[TrajectoryProgress]:
+    """How far each of the campaign's sampling trajectories got."""
+    query = {"campaign_id": campaign_id, "status": SAMPLING}
+    fields = {"segments_completed": 1, "audits_completed": 1}
+    return [
+        TrajectoryProgress(doc["_id"], doc["segments_completed"], doc["audits_completed"])
+        for doc in database[TRAJECTORIES].find(query, fields)
+    ]
+
+
+def budgeted_results(database: Database, campaign_id: str) -> dict[str, object]:
+    """Result id -> what it computed, for every result that spent budget: (trajectory id,
+    segment) of an audit, the frame id of a selected frame."""
+    query = {"campaign_id": campaign_id, "source": {"$ne": "initial"}}
+    fields = {"source": 1, "trajectory_id": 1, "segment": 1, "frame_id": 1}
+    return {
+        doc["_id"]: (
+            (doc["trajectory_id"], doc["segment"])
+            if doc["source"] == "audit"
+            else doc.get("frame_id")
+        )
+        for doc in database[REFERENCE_RESULTS].find(query, fields)
+    }
+
+
 def diverged_members(database: Database, campaign_id: str, last: int) -> list[tuple[str, str]]:
     """(model id, why) of members whose training diverged."""
     query = {"campaign_id": campaign_id, "diverged": {"$nin": [None, False]}}
@@ -1040,12 +1096,19 @@ def campaign_jobs(database: Database, campaign_id: str, states: tuple[str, ...])
 
 def job_states(database: Database, campaign_id: str) -> dict[str, dict[str, int]]:
     """Worker category -> Firework state -> count, for this campaign's jobs."""
-    found = database[FIREWORKS].find(
-        campaign_jobs_filter(campaign_id), {"spec._category": 1, "state": 1}
-    )
-    states: dict[str, dict[str, int]] = {}
-    for firework in found:
-        category = firework.get("spec", {}).get("_category") or "(any worker)"
-        row = states.setdefault(category, {})
-        row[firework["state"]] = row.get(firework["state"], 0) + 1
-    return states
+    return job_counts(database[FIREWORKS], campaign_jobs_filter(campaign_id))
+
+
+def job_counts(fireworks, query: dict) -> dict[str, dict[str, int]]:
+    """Worker category -> Firework state -> how many Fireworks (a LaunchPad's ``fireworks``
+    collection) match ``query``.
+
+    Counted here rather than by a ``$group`` on a compound ``_id``, which the jongodb
+    test server does not evaluate (it groups on the literal).
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for firework in fireworks.find(query, {"spec._category": 1, "state": 1}):
+        category = (firework.get("spec") or {}).get("_category") or "(any worker)"
+        states = counts.setdefault(category, {})
+        states[firework["state"]] = states.get(firework["state"], 0) + 1
+    return counts

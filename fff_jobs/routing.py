@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from jobflow import Flow, Job
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the category names are read by `fff init`, which needs no jobflow
+    from jobflow import Flow, Job
 
 GPU = "gpu"
 CPU = "cpu"

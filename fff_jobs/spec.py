@@ -9,16 +9,74 @@ code) is checked once, at submit, by :meth:`CampaignSpec.check_resources`.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _takes_numbers(annotation: object) -> bool:
+    """Whether a field of this type holds numbers (int or float), possibly in a list or mapping."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    arguments = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return bool not in arguments and any(_takes_numbers(a) for a in arguments)
+    if origin in (list, tuple, set):
+        return any(_takes_numbers(a) for a in arguments)
+    if origin is dict:
+        return _takes_numbers(arguments[-1])
+    return False
+
+
+def _booleans(value: object) -> list[bool]:
+    """The booleans in a value, in a list or mapping too."""
+    if isinstance(value, bool):
+        return [value]
+    if isinstance(value, list | tuple | set):
+        return [item for element in value for item in _booleans(element)]
+    if isinstance(value, dict):
+        return _booleans(list(value.values()))
+    return []
+
+
+def _check_device(value: str) -> str:
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a torch device fff can use: give cpu, cuda, cuda:N (a GPU's "
+            "index) or auto (cuda when present)"
+        )
+    return value
+
+
+# A torch device: every setting that places a model on a device uses this type.
+Device = Annotated[str, AfterValidator(_check_device)]
 
 
 class Section(BaseModel):
-    """Base of every settings section: unknown keys are an error, values are validated."""
+    """Base of every settings section: unknown keys are an error, values are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Numbers are checked alike in every section: a boolean is never a number (YAML's
+    ``true`` would otherwise count as 1), and neither is infinity or NaN.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        booleans = _booleans(value)
+        if booleans and field is not None and _takes_numbers(field.annotation):
+            word = str(booleans[0]).lower()
+            raise ValueError(f"a number is required, not the boolean {word}")
+        return value
 
 
 # --- model and training (MACE committee) ---
@@ -89,7 +147,7 @@ class TrainingSettings(Section):
     max_attempts: int = Field(
         3, ge=1, description="a member whose training diverges is trained again, with a new seed"
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if present")
+    device: Device = Field("auto", description="auto: cuda if present")
 
 
 # --- reference calculations, structures, MD sampling, audits, selection ---
@@ -247,7 +305,7 @@ class MDSettings(Section):
     # `uncertainty`: eV/A for force, eV/atom for energy) passes this; null: never
     uncertainty_threshold: float | None = Field(0.4, gt=0)
     uncertainty_interval: int = Field(10, gt=0)  # steps between committee checks
-    device: str = "auto"  # torch device of a MACE model; auto: cuda when available
+    device: Device = "auto"  # torch device of a MACE model; auto: cuda when available
     dtype: Literal["float32", "float64"] = "float64"
 
     @property

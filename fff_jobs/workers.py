@@ -80,20 +80,10 @@ def load_fworker(path: Path):
 
 def waiting_work(launchpad) -> dict[str, dict[str, int]]:
     """Worker category -> Firework state -> count, for the states a worker cares about."""
-    pipeline = [
-        {"$match": {"state": {"$in": ["READY", "WAITING", "RESERVED", "RUNNING", "FIZZLED"]}}},
-        {
-            "$group": {
-                "_id": {"category": "$spec._category", "state": "$state"},
-                "count": {"$sum": 1},
-            }
-        },
-    ]
-    counts: dict[str, dict[str, int]] = {}
-    for row in launchpad.fireworks.aggregate(pipeline):
-        category = row["_id"].get("category") or "(any worker)"
-        counts.setdefault(category, {})[row["_id"]["state"]] = row["count"]
-    return counts
+    from fff_jobs import database as db
+
+    states = ["READY", "WAITING", "RESERVED", "RUNNING", "FIZZLED"]
+    return db.job_counts(launchpad.fireworks, {"state": {"$in": states}})
 
 
 @contextlib.contextmanager

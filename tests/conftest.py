@@ -18,6 +18,7 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from project import REPO
+from slurm_cluster import SlurmCluster, SlurmUnavailableError, start_cluster
 
 JONGODB = REPO / "tests/server/node_modules/@jongodb/memory-server-bin-linux-x64-gnu/bin/jongodb"
 
@@ -78,3 +79,16 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copy(REPO / "my_launchpad.yaml", tmp_path / "my_launchpad.yaml")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
+    """A one-node Slurm cluster on localhost; skips, saying why, where none can run."""
+    try:
+        cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailableError as reason:
+        pytest.skip(f"no Slurm cluster: {reason}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

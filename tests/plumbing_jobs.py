@@ -46,3 +46,23 @@ def chain_link(index: int, length: int) -> Response:
 def chain_flow(length: int) -> Flow:
     """A chain of `length` jobs that exists only as its first link until it runs."""
     return Flow([route(chain_link(0, length), GPU)], name="chain")
+
+
+@job
+def branching_link(index: int, length: int) -> Response:
+    """Record this link; add the next link and, as a detour, a job that records a leaf.
+
+    Completing it writes two new Fireworks, so FireWorks' update of the workflow has
+    a window between them.
+    """
+    project_database().executions.insert_one({"index": index, "pid": os.getpid()})
+    if index + 1 == length:
+        return Response(output=index)
+    leaf = route(record_execution(1000 + index), CPU)
+    following = route(branching_link(index + 1, length), GPU)
+    return Response(output=index, addition=Flow([following]), detour=leaf)
+
+
+def branching_flow(length: int) -> Flow:
+    """A chain of `length` links, each adding the next and a leaf: 2 * length - 1 jobs in all."""
+    return Flow([route(branching_link(0, length), GPU)], name="branching chain")

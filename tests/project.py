@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import bson.json_util
-import yaml
 
 from fff_jobs.config import EMBEDDED_KEY, Project, worker_environment
 
@@ -44,10 +45,16 @@ def use_server(directory: Path, uri: str) -> None:
     """Switch the project to a live server with `fff init --uri`, as a user would."""
     result = run(directory, "fff", "init", "--uri", uri, "--force")
     assert result.returncode == 0, result.stderr
-    fw_config = directory / "fw_config" / "FW_config.yaml"
-    settings = yaml.safe_load(fw_config.read_text())
-    settings["GRIDFS_FALLBACK_COLLECTION"] = None  # jongodb has no `drop` command
-    fw_config.write_text(yaml.safe_dump(settings))
+
+
+def server_project(directory: Path, mongo_uri: str, options: str = "") -> str:
+    """A project in ``directory`` (the shipped configuration) on a new database of the live
+    server, set up with `fff init --uri`; the database's name."""
+    shutil.copytree(REPO / "fw_config", directory / "fw_config")
+    shutil.copy(REPO / "my_launchpad.yaml", directory)
+    name = f"fff_{uuid.uuid4().hex[:8]}"
+    use_server(directory, f"{mongo_uri}/{name}{options}")
+    return name
 
 
 def lpad_fireworks(directory: Path) -> list[dict]:

@@ -179,6 +179,9 @@ def test_status_report_and_export_work_on_the_finished_campaign(finished_campaig
     status = run(project, "fff", "status", campaign_id)
     assert status.returncode == 0, status.stderr
     assert "20 / 20" in status.stdout and "complete" in status.stdout
+    assert "live trajectories      │ 0 " in status.stdout
+    assert "invariants             │ all hold" in status.stdout
+    assert "jobs (cpu)" in status.stdout and "jobs (gpu)" in status.stdout
 
     report = run(project, "fff", "report", campaign_id, "--output", str(tmp_path))
     assert report.returncode == 0, report.stderr

@@ -31,7 +31,7 @@ def outputs_collection(directory: Path):
     """The job store's `outputs` collection, opened with a plain (pymongo-style) client."""
     settings = yaml.safe_load((directory / "fw_config/jobflow.yaml").read_text())
     docs_store = settings["JOB_STORE"]["docs_store"]
-    if docs_store["@class"] == "MongoURIStore":
+    if docs_store["@class"] == "MongoStore":
         client = pymongo.MongoClient(docs_store["uri"])
         return client[docs_store["database"]][docs_store["collection_name"]]
     return MontyClient(str(directory / ".fff/jobstore"))["fff"]["outputs"]

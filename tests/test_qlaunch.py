@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pymongo
@@ -14,17 +17,25 @@ from project import run, submit_script, use_server
 
 pytestmark = pytest.mark.slow
 
+MARKER = "fff-Option-Marker-51c"
+
 STAND_IN = """#!/usr/bin/env bash
-# Stand-in for {command}: records the submitted script and runs it in the background.
+# Stand-in for {command}: records the submitted script and runs it in the background,
+# in a session of its own whose id goes to $FFF_TEST_SUBMITTED/sessions.
 cp "$1" "$FFF_TEST_SUBMITTED/{command}-$(date +%s%N).script"
-nohup bash "$1" > "$1.out" 2>&1 < /dev/null &
+setsid nohup bash "$1" > "$1.out" 2>&1 < /dev/null &
+echo $! >> "$FFF_TEST_SUBMITTED/sessions"
 echo "{answer}"
 """
 
 
 @pytest.fixture
-def scheduler(tmp_path: Path) -> dict[str, str]:
-    """`sbatch` and `qsub` on PATH that behave like a scheduler with a free node."""
+def scheduler(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """`sbatch` and `qsub` on PATH that behave like a scheduler with a free node.
+
+    The "jobs" go on looking for work after their rocket (the Slurm adapter runs
+    rockets for several rounds): they are ended with the test, as a scheduler would.
+    """
     bin_directory = tmp_path / "scheduler-bin"
     submitted = tmp_path / "submitted"
     bin_directory.mkdir()
@@ -33,10 +44,14 @@ def scheduler(tmp_path: Path) -> dict[str, str]:
         path = bin_directory / command
         path.write_text(STAND_IN.format(command=command, answer=answer))
         path.chmod(0o755)
-    return {
+    yield {
         "PATH": f"{bin_directory}{os.pathsep}{os.environ['PATH']}",
         "FFF_TEST_SUBMITTED": str(submitted),
     }
+    sessions = submitted / "sessions"
+    for session in sessions.read_text().split() if sessions.exists() else []:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(session), signal.SIGTERM)
 
 
 def wait_for_execution(database, indices: list[int], seconds: float = 60) -> dict:
@@ -62,7 +77,13 @@ def test_slurm_and_pbs_adapters_submit_workers_of_their_category(
     workdir: Path, mongo_uri: str, scheduler: dict[str, str]
 ):
     name = f"fff_{uuid.uuid4().hex[:8]}"
-    use_server(workdir, f"{mongo_uri}/{name}")
+    use_server(workdir, f"{mongo_uri}/{name}?appname={MARKER}")
+    # The shared configuration names the server without its options; pointed nowhere, it
+    # shows that submitting, workers and jobflow all read the private files of `fff init`.
+    for shared in ("my_launchpad.yaml", "fw_config/FW_config.yaml", "fw_config/jobflow.yaml"):
+        text = (workdir / shared).read_text()
+        assert MARKER not in text
+        (workdir / shared).write_text(text.replace(mongo_uri, "mongodb://127.0.0.1:9"))
     (workdir / "submit.py").write_text(submit_script("plumbing_jobs:mixed_flow"))
     assert run(workdir, "python", "submit.py", "1").returncode == 0
     database = pymongo.MongoClient(mongo_uri)[name]
@@ -93,10 +114,12 @@ def test_slurm_and_pbs_adapters_submit_workers_of_their_category(
 
     scripts = {
         path.name.split("-")[0]: path.read_text()
-        for path in Path(scheduler["FFF_TEST_SUBMITTED"]).iterdir()
+        for path in Path(scheduler["FFF_TEST_SUBMITTED"]).glob("*.script")
     }
     assert "#SBATCH --job-name=fff_gpu" in scripts["sbatch"]
-    assert 'fw_config/my_fworker_gpu.yaml" singleshot' in scripts["sbatch"]
+    assert "#SBATCH --gres=gpu:1" in scripts["sbatch"]
+    assert 'fw_config/my_fworker_gpu.yaml" rapidfire' in scripts["sbatch"]
+    assert 'rlaunch -l "$FFF_LAUNCHPAD_FILE"' in scripts["sbatch"]
     assert "#PBS -V" in scripts["qsub"]
     assert 'fw_config/my_fworker_cpu.yaml" singleshot' in scripts["qsub"]
     assert settled_states(database) == ["COMPLETED", "COMPLETED", "READY"]

@@ -1,31 +1,42 @@
-"""Test only: wraps database updates of fff_jobs so that a worker dies right after them."""
+"""Test only: wraps database updates of fff_jobs so that a worker dies or hangs right after."""
 
 from __future__ import annotations
 
 import functools
 import os
 import signal
+import time
 from pathlib import Path
 
 from fff_jobs import database as db
 
 
-def _after(function, kind: str, condition):
+def _after(function, kind: str, condition, action):
     @functools.wraps(function)
     def wrapper(database, *args, **kwargs):
         result = function(database, *args, **kwargs)
         if condition(database, args, result):
-            _kill(kind)
+            _once(kind, action)
         return result
 
     return wrapper
 
 
-def _kill(kind: str) -> None:
+def _once(kind: str, action) -> None:
     mark = Path(os.environ["FFF_TEST_KILL_MARKS"]) / kind
     if not mark.exists():
         mark.write_text(str(os.getpid()))
-        os.kill(os.getpid(), signal.SIGKILL)
+        action()
+
+
+def kill() -> None:
+    """Die at once, as on a node failure."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stall() -> None:
+    """Hang (at most FFF_TEST_STALL_SECONDS), as a job that outruns its wall time."""
+    time.sleep(float(os.environ.get("FFF_TEST_STALL_SECONDS", "600")))
 
 
 def _source(source: str):
@@ -47,7 +58,7 @@ POINTS = {
 }
 
 
-def install(kinds: list[str]) -> None:
+def install(kinds: list[str], action=kill) -> None:
     for kind in kinds:
         name, condition = POINTS[kind]
-        setattr(db, name, _after(getattr(db, name), kind, condition))
+        setattr(db, name, _after(getattr(db, name), kind, condition, action))
