@@ -27,6 +27,10 @@ REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
 PYTHON = Path(sys.executable)
 JONGODB = REPO / "tests/server/node_modules/@jongodb/memory-server-bin-linux-x64-gnu/bin/jongodb"
+NO_JONGODB = (
+    "the jongodb test server is not installed: run `bash scripts/test.sh --co -q` first "
+    "(it installs it with npm into tests/server/)"
+)
 EMBEDDED_KEY = "MONGOMOCK_SERVERSTORE_FILE"
 STALLED_SECONDS = 120  # a worker with nothing to run, and no job running anywhere, stops
 # where each kind of task records its own wall time
@@ -87,6 +91,8 @@ def run_in_project(directory: Path, *command: str, timeout: float = 3600) -> str
 @contextlib.contextmanager
 def jongodb_server() -> Iterator[str]:
     """A jongodb server on a free port for the duration; yields its URI (no database name)."""
+    if not JONGODB.exists():
+        raise SystemExit(f"error: {NO_JONGODB}")
     process = subprocess.Popen(
         [str(JONGODB), "--host=127.0.0.1", "--port=0"],
         stdout=subprocess.PIPE,
@@ -151,7 +157,7 @@ def dump_records(database, campaign_id: str, path: Path, run_wall_time: float | 
         "campaign": campaign,
         "run_wall_time": run_wall_time,
         "reference_results": list(database[db.REFERENCE_RESULTS].find(query).sort("sequence", 1)),
-        "segments": list(database[db.SEGMENTS].find(query)),
+        "segments": [record.model_dump() for record in db.segment_records(database, campaign_id)],
         "models": list(database[db.MODELS].find(query)),
         "selections": list(database[db.SELECTIONS].find(query, {"frame_ids": 0, "spreads": 0})),
         "frame_pool": list(database[db.FRAME_POOL].find(query).sort("_id", 1)),
@@ -165,7 +171,7 @@ def _campaign_command(spec_file: str, output: str, workers: int) -> None:
     from fff_jobs.config import activate, project_database
 
     activate()
-    from fff_jobs.campaign import submit_campaign
+    from fff_jobs.jobs import submit_campaign
     from fff_jobs.spec import CampaignSpec
     from fff_jobs.workers import run_until_done
 
@@ -204,7 +210,7 @@ def _work_command(campaign_id: str, log: str) -> None:
                 idle_since = time.monotonic()
                 continue
             busy = launchpad.fireworks.count_documents({"state": {"$in": ["RUNNING", "RESERVED"]}})
-            if not busy and db.get_campaign(database, campaign_id)["status"] != db.RUNNING:
+            if not busy and not db.get_campaign(database, campaign_id).running:
                 return
             if busy:
                 idle_since = time.monotonic()
@@ -218,7 +224,7 @@ def _records_command(output: str, campaign_id: str | None) -> None:
 
     activate()
     database = project_database()
-    campaign_id = campaign_id or db.list_campaigns(database)[0]["_id"]
+    campaign_id = campaign_id or db.list_campaigns(database)[0].id
     dump_records(database, campaign_id, Path(output), None)
 
 

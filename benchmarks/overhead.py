@@ -1,9 +1,18 @@
-"""Benchmark: seconds of orchestration per job, fff-jobs' path against plain FireWorks.
+"""Benchmark: orchestration per job, fff-jobs' path against plain FireWorks, and the database
+round trips each campaign job makes.
 
-Run: ``.venv/bin/python benchmarks/overhead.py [--quick] [--sizes 100 500 2000]``.
-For each store (embedded mongomock, and a jongodb server) and each workflow size N,
-each arm runs in a fresh project, in its own process, timed from the first rocket to
-the last (imports and submission are timed apart):
+Run: ``.venv/bin/python benchmarks/overhead.py [--quick] [--sizes 100 500 2000]``
+(the jongodb test server must be installed: ``bash scripts/test.sh --co -q``).
+
+Round trips: the tiny test campaign runs on a jongodb server with pymongo's command
+monitoring (:class:`RoundTrips`); every command sent while a job runs is counted for
+that job, as fff's own when fff_jobs code sent it (a query or update of fff's
+collections, GridFS included, or fff's look-ups of FireWorks' collections), else as
+FireWorks' or jobflow's (the workflow fff adds to, the job store).
+
+Seconds: for each store (embedded mongomock, and a jongodb server) and each workflow
+size N, each arm runs in a fresh project, in its own process, timed from the first
+rocket to the last (imports and submission are timed apart):
 
 - ``fireworks``: N Fireworks with an empty ``PyTask`` in one workflow (the baseline);
 - ``fff``: a jobflow Flow of N empty ``@job`` s routed with :func:`fff_jobs.routing.route`
@@ -27,10 +36,13 @@ import contextlib
 import itertools
 import json
 import statistics
+import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import common
+import pymongo
 from jobflow import Flow, Response, job
 
 ARMS = ("fireworks", "fff", "fff-growing", "one-workflow")
@@ -103,6 +115,92 @@ def measure_arm(arm: str, size: int) -> dict:
         "first_tenth_per_job_s": statistics.mean(gaps[:tenth]) if gaps else 0.0,
         "last_tenth_per_job_s": statistics.mean(gaps[-tenth:]) if gaps else 0.0,
     }
+
+
+SERVER_CHATTER = frozenset({"hello", "ismaster", "isMaster", "ping", "endSessions", "buildInfo"})
+
+
+class RoundTrips(pymongo.monitoring.CommandListener):
+    """Counts each campaign job's commands: fff's own apart from FireWorks' and jobflow's."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict[str, int]] = defaultdict(lambda: {"fff": 0, "other": 0})
+
+    def started(self, event) -> None:
+        from jobflow import CURRENT_JOB
+
+        running = CURRENT_JOB.job
+        if running is None or event.command_name in SERVER_CHATTER:
+            return
+        self.jobs[running.name]["fff" if _sent_by_fff() else "other"] += 1
+
+    def succeeded(self, event) -> None:
+        """Nothing to count."""
+
+    def failed(self, event) -> None:
+        """Nothing to count."""
+
+
+def _sent_by_fff() -> bool:
+    """Whether the code that called pymongo (or gridfs) lies in fff_jobs."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not any(part in name for part in ("/pymongo/", "/gridfs/", "/bson/", __file__)):
+            return "/fff_jobs/" in name
+        frame = frame.f_back
+    return False
+
+
+def count_round_trips() -> dict:
+    """Run the tiny campaign here (on a server) and count each job's database round trips."""
+    listener = RoundTrips()
+    pymongo.monitoring.register(listener)
+    from fff_jobs.config import activate
+
+    directory = activate().directory
+    from fff_jobs.jobs import submit_campaign
+    from fff_jobs.spec import CampaignSpec
+    from fff_jobs.workers import run_until_done
+
+    campaign_id = submit_campaign(
+        CampaignSpec.from_yaml(common.REPO / "tests/specs/tiny_water.yaml")
+    )
+    run_until_done(log_file=directory / "rockets.log")
+    return {"campaign_id": campaign_id, "jobs": dict(listener.jobs)}
+
+
+def round_trip_rows(jobs: dict[str, dict[str, int]]) -> list[tuple]:
+    """Per kind of job (and all): jobs, mean and largest fff round trips, mean of the others."""
+    kinds: dict[str, list[dict[str, int]]] = defaultdict(list)
+    for name, counts in jobs.items():
+        kinds[name.split()[1]].append(counts)
+    kinds["all jobs"] = list(jobs.values())
+    return [
+        (
+            kind,
+            len(counts),
+            statistics.mean(c["fff"] for c in counts),
+            max(c["fff"] for c in counts),
+            statistics.mean(c["other"] for c in counts),
+        )
+        for kind, counts in kinds.items()
+    ]
+
+
+def measure_round_trips(uri: str) -> list[tuple]:
+    """The tiny campaign in a fresh project on the server; its round trips per kind of job."""
+    directory = common.temporary_project(prefix="fff-round-trips-")
+    common.use_server(directory, f"{uri}/bench_round_trips")
+    output = directory / "round_trips.json"
+    script = str(Path(__file__).resolve())
+    common.run_in_project(directory, str(common.PYTHON), script, "--round-trips", str(output))
+    figures = json.loads(output.read_text())
+    rows = round_trip_rows(figures["jobs"])
+    headers = ("job", "jobs", "fff mean", "fff max", "FireWorks+jobflow mean")
+    title = f"database round trips per job, campaign {figures['campaign_id']} (jongodb)"
+    common.print_table(title, headers, rows)
+    return rows
 
 
 def run_arm(arm: str, size: int, uri: str | None) -> dict:
@@ -181,6 +279,7 @@ def main() -> None:
     parser.add_argument("--stores", nargs="+", default=["embedded", "jongodb"])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--round-trips", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
         import overhead  # the jobs must be importable by name, not from __main__
@@ -188,10 +287,18 @@ def main() -> None:
         arm, size, output = arguments.worker
         Path(output).write_text(json.dumps(overhead.measure_arm(arm, int(size))))
         return
+    if arguments.round_trips:
+        Path(arguments.round_trips).write_text(json.dumps(count_round_trips()))
+        return
     if "fireworks" not in arguments.arms:
         parser.error("--arms must include fireworks, the baseline every ratio is taken against")
+    if not common.JONGODB.exists():
+        parser.error(common.NO_JONGODB)
     note = common.machine_note()
     sizes = [50, 200] if arguments.quick else arguments.sizes
+    with common.jongodb_server() as uri:
+        round_trips = measure_round_trips(uri)
+    common.write_results("overhead_round_trips", {"machine": note, "rows": round_trips})
     rows = []
     for store in arguments.stores:
         with contextlib.ExitStack() as stack:
@@ -208,7 +315,7 @@ def main() -> None:
     title = f"fff per-job cost (N={max(sizes)}) as % of the median task time of {source}"
     common.print_table(title, ("kind", "median s", *(f"% {s}" for s in stores)), shares)
     figures = {"machine": note, "median_task_s": median_task, "median_task_source": source}
-    figures |= {"shares": shares, "rows": rows}
+    figures |= {"shares": shares, "rows": rows, "round_trips": round_trips}
     common.write_results("overhead", figures)
 
 

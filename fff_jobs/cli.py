@@ -250,13 +250,30 @@ EMBEDDED_RECOVERY = (
 
 @app.command()
 @clear_errors
-def submit(spec_file: Annotated[Path, typer.Argument(help="Campaign spec (YAML)")]) -> None:
+def submit(
+    spec_file: Annotated[Path, typer.Argument(help="Campaign spec (YAML)")],
+    to_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the campaign's first workflow to this FireWorks file (yaml or json) "
+            "instead; `lpad add FILE` then starts the campaign"
+        ),
+    ] = None,
+) -> None:
     """Add a campaign to the LaunchPad and print its id; workers then run it."""
-    project = config.activate()
-    from fff_jobs.campaign import submit_campaign
     from fff_jobs.spec import CampaignSpec
 
     spec = CampaignSpec.from_yaml(spec_file)
+    if to_file is not None:
+        from fff_jobs.jobs import write_workflow_file
+
+        campaign_id = write_workflow_file(spec, to_file)
+        typer.echo(f"wrote {to_file}: `lpad add {to_file}` starts campaign {campaign_id}", err=True)
+        typer.echo(campaign_id)
+        return
+    project = config.activate()
+    from fff_jobs.jobs import submit_campaign
+
     campaign_id = submit_campaign(spec)
     if project.embedded_file:
         typer.echo("note: embedded store: run one worker at a time (`fff run` does).", err=True)
@@ -277,7 +294,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from fff_jobs import database as db
-    from fff_jobs.campaign import submit_campaign
+    from fff_jobs.jobs import submit_campaign
     from fff_jobs.spec import CampaignSpec
     from fff_jobs.workers import load_fworker, run_until_done
 
@@ -298,10 +315,10 @@ def run(
 
         def update() -> None:
             campaign = db.get_campaign(database, campaign_id)
-            generation = len(campaign["generations"]) - 1
+            generation = len(campaign.generations) - 1
             progress.update(
                 task,
-                completed=campaign["budget"]["spent"],
+                completed=campaign.budget.spent,
                 description=f"generation {generation}, reference calculations",
             )
 
@@ -315,7 +332,7 @@ def print_status(campaign_id: str) -> None:
 
     from fff_jobs.reports import campaign_status
 
-    status = campaign_status(config.project_database(), config.load_launchpad(), campaign_id)
+    status = campaign_status(config.project_database(), campaign_id)
     table = Table(title=f"campaign {campaign_id}", show_header=False)
     generation = status["generation"]
     rate = status["audit_pass_rate"]
@@ -326,17 +343,17 @@ def print_status(campaign_id: str) -> None:
         ),
         ("reference calculations", f"{status['reference_spent']} / {status['budget']}"),
         ("failed calculations", str(status["failed_calculations"])),
-        ("current generation", "none yet" if generation is None else str(generation["generation"])),
+        ("current generation", "none yet" if generation is None else str(generation.generation)),
         ("training running", "yes" if status["training_running"] else "no"),
     ]
     if generation is not None:
         rows += [
-            ("validation force MAE", f"{generation['validation_force_mae']:.4f} eV/Å"),
+            ("validation force MAE", f"{generation.validation_force_mae:.4f} eV/Å"),
             (
                 "validation energy MAE",
-                f"{1000 * generation['validation_energy_mae_per_atom']:.2f} meV/atom",
+                f"{1000 * generation.validation_energy_mae_per_atom:.2f} meV/atom",
             ),
-            ("training set", f"{generation['training_set_size']} frames"),
+            ("training set", f"{generation.training_set_size} frames"),
         ]
     errors = ", ".join(f"{1000 * e:.2f}" for e in status["recent_audit_errors"] if e is not None)
     rows += [
@@ -393,11 +410,11 @@ def status(
     if not campaigns:
         typer.echo("no campaigns yet: fff submit workflows/water_xtb.yaml")
     for document in campaigns:
-        budget = document["budget"]
+        budget = document.budget
         typer.echo(
-            f"{document['_id']:<24} {document['status']:<9} "
-            f"{budget['spent']}/{budget['num_to_run']} reference calculations, "
-            f"{len(document['generations'])} generations"
+            f"{document.id:<24} {document.status:<9} "
+            f"{budget.spent}/{budget.num_to_run} reference calculations, "
+            f"{len(document.generations)} generations"
         )
 
 

@@ -2,12 +2,14 @@
 
 Members travel as (hyperparameters, state dict) and are rebuilt here; nothing is
 unpickled. Inference batches structures through mace's data loaders and runs every
-member on each batch, on ``cuda`` when present. The last two functions read members
-from the model registry (:mod:`fff_jobs.database`).
+member on each batch, on ``cuda`` when present. The last functions turn weights into
+the bytes the model registry (:mod:`fff_jobs.database`) stores and back: torch stays on
+the GPU side, and CPU workers never load it.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from pymongo.database import Database
 
 from fff_jobs import calibration
 from fff_jobs import database as registry
+from fff_jobs.schemas import ModelRecord
 from fff_jobs.training import (
     build_model,
     check_elements,
@@ -238,6 +241,35 @@ def export_model(
     return path
 
 
+def weights_to_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """A state dict as bytes (``torch.save``), moved to the CPU first."""
+    buffer = io.BytesIO()
+    torch.save({name: tensor.detach().cpu() for name, tensor in state_dict.items()}, buffer)
+    return buffer.getvalue()
+
+
+def weights_from_bytes(content: bytes) -> dict[str, torch.Tensor]:
+    """A state dict from bytes, loaded with ``weights_only=True`` (no code runs)."""
+    return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+
+
+def register_member(
+    database: Database, record: ModelRecord, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[ModelRecord, bool]:
+    """Register a trained member and its weights (see :func:`fff_jobs.database.register_member`);
+    its generation becomes current once all its members are registered."""
+    registration = registry.register_member(database, record, weights_to_bytes(state_dict))
+    registry.publish_generation(database, record.campaign_id, record.generation)
+    return registration
+
+
+def load_weights(
+    database: Database, document: ModelRecord, cache_directory: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict of a registered member, checked against its sha256 (cached locally)."""
+    return weights_from_bytes(registry.load_weights(database, document, cache_directory))
+
+
 def load_committee(
     database: Database,
     campaign_id: str,
@@ -245,22 +277,27 @@ def load_committee(
     device: str = "auto",
     cache_directory: Path | None = None,
     healthy: bool = True,
-) -> tuple[list[dict], list[torch.nn.Module]]:
+    documents: Sequence[ModelRecord] | None = None,
+) -> tuple[list[ModelRecord], list[torch.nn.Module]]:
     """Registry documents and rebuilt models of a committee (default: the current generation).
 
     ``healthy``: leave out members whose training diverged (they never sample, score
-    frames or count in errors).
+    frames or count in errors). ``documents``: the members' registry documents, if
+    the caller read them already.
     """
-    documents = registry.committee_documents(database, campaign_id, generation, healthy)
+    if documents is None:
+        documents = registry.committee_documents(database, campaign_id, generation, healthy)
+    elif healthy:
+        documents = [document for document in documents if not document.diverged]
     models = [
         load_member(
-            document["hyperparameters"],
-            registry.load_weights(database, document, cache_directory),
+            document.hyperparameters,
+            load_weights(database, document, cache_directory),
             resolve_device(device),
         )
         for document in documents
     ]
-    return documents, models
+    return list(documents), models
 
 
 def export_model_files(
@@ -273,16 +310,16 @@ def export_model_files(
     """Write ``<model id>.model`` files for one member or (member None) the whole committee."""
     documents = registry.committee_documents(database, campaign_id, generation)
     if member is not None:
-        documents = [document for document in documents if document["member"] == member]
+        documents = [document for document in documents if document.member == member]
         if not documents:
             raise registry.RegistryError(
                 f"campaign {campaign_id!r} has no member {member} in that generation"
             )
     return [
         export_model(
-            document["hyperparameters"],
-            registry.load_weights(database, document),
-            Path(output_dir) / f"{document['_id']}.model",
+            document.hyperparameters,
+            load_weights(database, document),
+            Path(output_dir) / f"{document.id}.model",
         )
         for document in documents
     ]

@@ -18,7 +18,12 @@ from __future__ import annotations
 
 from fff_jobs import database as db
 from fff_jobs.invariants import NeededJob, alive_jobs, check_campaign
+from fff_jobs.jobs import AuditMaker, SegmentMaker, TrainMemberMaker, workflow_name
 from fff_jobs.repair import Damage, Repair, inspect, repair_fireworks
+from fff_jobs.schemas import Campaign
+
+# the Maker of each stage a campaign may need again (NeededJob.stage is the Maker's name)
+MAKERS = {maker.name: maker for maker in (TrainMemberMaker, SegmentMaker, AuditMaker)}
 
 
 def recover(launchpad, database, expiration_secs: int, lock_wait: float) -> Repair:
@@ -39,7 +44,7 @@ def recover(launchpad, database, expiration_secs: int, lock_wait: float) -> Repa
     )
     damage = inspect(launchpad, wait)
     for campaign in db.list_campaigns(database):
-        report += _repair_campaign(database, campaign["_id"], damage)
+        report += _repair_campaign(database, campaign, damage)
     return report
 
 
@@ -47,69 +52,62 @@ def _workflow_name_for(database):
     """Names the workflow a Firework in no workflow goes into: its campaign's, from its name."""
 
     def name_for(firework_name: str) -> str:
-        from fff_jobs.campaign import workflow_name
-
         campaign_id = firework_name.split(" ", 1)[0]
-        known = database[db.CAMPAIGNS].count_documents({"_id": campaign_id}, limit=1)
-        return workflow_name(campaign_id) if known else ""
+        return workflow_name(campaign_id) if db.campaign_exists(database, campaign_id) else ""
 
     return name_for
 
 
-def _repair_campaign(database, campaign_id: str, damage: Damage) -> Repair:
+def _repair_campaign(database, campaign: Campaign, damage: Damage) -> Repair:
     """Repair fff's records of one campaign; then name what still breaks an invariant."""
-    report = _repair_claims(database, campaign_id)
-    check = check_campaign(database, campaign_id, damage)
+    report = _repair_claims(database, campaign)
+    check = check_campaign(database, campaign.id, damage)
     if check.needed:
-        report += _revive(database, campaign_id, check.needed)
-        check = check_campaign(database, campaign_id, damage)
-    report.unrepaired += [f"{campaign_id}: {line}" for line in check.violations]
-    failed = sorted(job["fw_id"] for job in db.campaign_jobs(database, campaign_id, ("FIZZLED",)))
+        report += _revive(database, campaign, check.needed)
+        check = check_campaign(database, campaign.id, damage)
+    report.unrepaired += [f"{campaign.id}: {line}" for line in check.violations]
+    failed = sorted(job["fw_id"] for job in db.campaign_jobs(database, campaign.id, ("FIZZLED",)))
     if failed:
         report.unrepaired.append(
-            f"{campaign_id}: {len(failed)} failed job(s): see `lpad get_fws -s FIZZLED -d more`, "
+            f"{campaign.id}: {len(failed)} failed job(s): see `lpad get_fws -s FIZZLED -d more`, "
             f"fix the cause, then `lpad rerun_fws -i {','.join(map(str, failed))}`"
         )
     return report
 
 
-def _repair_claims(database, campaign_id: str) -> Repair:
+def _repair_claims(database, campaign: Campaign) -> Repair:
     """Level the budget counter and release a dead selection (running); stop sampling (finished)."""
-    if db.get_campaign(database, campaign_id)["status"] != db.RUNNING:
-        stopped = db.stop_sampling(database, campaign_id)
-        lines = [f"{campaign_id}: finished; stopped {stopped} trajectory(ies)"] if stopped else []
+    if not campaign.running:
+        stopped = db.stop_sampling(database, campaign.id)
+        lines = [f"{campaign.id}: finished; stopped {stopped} trajectory(ies)"] if stopped else []
         return Repair(lines=lines)
-    spent = db.recount_budget(database, campaign_id)
-    report = Repair(lines=[f"{campaign_id}: {spent} reference calculation(s) claimed"])
-    number = db.release_dead_selection(database, campaign_id, alive_jobs(database, campaign_id))
+    spent = db.recount_budget(database, campaign.id)
+    report = Repair(lines=[f"{campaign.id}: {spent} reference calculation(s) claimed"])
+    number = db.release_dead_selection(database, campaign.id, alive_jobs(database, campaign.id))
     if number is not None:
         report.lines.append(
-            f"{campaign_id}: released selection {number} (its job is gone); frames pooled"
+            f"{campaign.id}: released selection {number} (its job is gone); frames pooled"
         )
     return report
 
 
-def _revive(database, campaign_id: str, needed: list[NeededJob]) -> Repair:
-    """Add the jobs a campaign needs and has none of (in a new workflow), unless one failed."""
+def _revive(database, campaign: Campaign, needed: list[NeededJob]) -> Repair:
+    """Add the jobs a campaign needs and has none of (in a new workflow), unless one failed.
+
+    Each is made by its stage's Maker with the campaign's worker settings, so it is the
+    campaign's own job: same name, category and priority as the one that was lost.
+    """
     from jobflow import Flow
 
-    from fff_jobs import campaign as steering
     from fff_jobs.workers import submit
 
-    spec = steering.campaign_spec(db.get_campaign(database, campaign_id))
-    jobs = [_job(steering, campaign_id, spec, job) for job in needed]
-    failed = {job["name"] for job in db.campaign_jobs(database, campaign_id, ("FIZZLED",))}
+    jobs = [
+        MAKERS[job.stage].for_workers(campaign.spec.workers).make(campaign.id, *job.arguments)
+        for job in needed
+    ]
+    failed = {job["name"] for job in db.campaign_jobs(database, campaign.id, ("FIZZLED",))}
     revived = [job for job in jobs if job.name not in failed]
     if not revived:
         return Repair()
-    submit(Flow(revived, name=steering.workflow_name(campaign_id)))
-    return Repair(lines=[f"{campaign_id}: added {', '.join(job.name for job in revived)}"])
-
-
-def _job(steering, campaign_id: str, spec, needed: NeededJob):
-    """The campaign's job for a needed stage (steering is fff_jobs.campaign)."""
-    if needed.stage == "train":
-        generation, member = needed.arguments
-        return steering.train_jobs(campaign_id, spec, generation)[member]
-    make = steering.segment_job if needed.stage == "segment" else steering.audit_job
-    return make(campaign_id, spec, *needed.arguments)
+    submit(Flow(revived, name=workflow_name(campaign.id)))
+    return Repair(lines=[f"{campaign.id}: added {', '.join(job.name for job in revived)}"])

@@ -26,37 +26,12 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import CalculationFailed, Calculator, InputError, all_changes
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.units import Bohr, Hartree
-from pydantic import BaseModel
 
+from fff_jobs.schemas import Frame, ReferenceResult
 from fff_jobs.spec import ReferenceSettings, import_object
-from fff_jobs.structures import Frame
 
 CHILD_START_TIMEOUT = 120.0  # s allowed for a child process to import the reference code
-
-
-class ReferenceResult(BaseModel):
-    """Energy and forces of one frame from the reference, or why there are none."""
-
-    frame: Frame
-    success: bool
-    energy: float | None = None  # eV
-    forces: list[list[float]] | None = None  # eV/A
-    reason: str | None = None  # why the calculation failed
-    wall_time: float  # s
-    host: str
-    code: str
-    method: str | None = None
-
-    def to_atoms(self) -> Atoms:
-        """The frame, with energy and forces attached when the calculation succeeded."""
-        atoms = self.frame.to_atoms()
-        if self.success:
-            atoms.calc = SinglePointCalculator(
-                atoms, energy=self.energy, forces=np.asarray(self.forces)
-            )
-        return atoms
 
 
 class SCFNotConverged(CalculationFailed):
@@ -129,6 +104,25 @@ def calculator_import(settings: ReferenceSettings) -> tuple[str, dict[str, Any]]
         }
     assert settings.calculator is not None  # guaranteed by ReferenceSettings
     return settings.calculator.import_path, dict(settings.calculator.kwargs)
+
+
+def atomate2_static_maker(settings: ReferenceSettings):
+    """atomate2's ForceFieldStaticMaker running the reference these settings ask for.
+
+    For users who want atomate2's task documents in their own flows: it takes a pymatgen
+    Molecule or Structure and returns a ForceFieldMoleculeTaskDocument or
+    ForceFieldTaskDocument. It raises on failure and has no time limit; route the job
+    yourself (:func:`fff_jobs.routing.route`).
+    """
+    from atomate2.forcefields.jobs import ForceFieldStaticMaker
+
+    path, kwargs = calculator_import(settings)
+    module, _, name = path.rpartition(".")
+    return ForceFieldStaticMaker(
+        name=f"reference static ({settings.code})",
+        force_field_name={"@module": module, "@callable": name},
+        calculator_kwargs=kwargs,
+    )
 
 
 def make_calculator(settings: ReferenceSettings) -> Calculator:
@@ -272,8 +266,10 @@ class _Child:
 
 
 def _serve(connection: Connection, settings: dict[str, Any]) -> None:
+    """The child's loop; the reference code is imported before it says it is ready, so the
+    time limit counts calculations, not imports."""
     reference = ReferenceSettings.model_validate(settings)
-    calculator = None
+    calculator = _try_make_calculator(reference)
     connection.send(True)
     while True:
         try:

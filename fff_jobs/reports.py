@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from fff_jobs import database as db
 from fff_jobs.calibration import CalibrationRecord, calibration_summary
-from fff_jobs.structures import Frame, StructureError, read_structures
+from fff_jobs.structures import StructureError, read_structures
 
 PROVENANCE = ("source", "trajectory_id", "segment", "generation", "selection_id", "frame_id")
 
@@ -20,111 +19,85 @@ class NothingToReportError(LookupError):
     """The campaign has no trained generation or no data yet."""
 
 
-def job_states(launchpad, campaign_id: str) -> dict[str, dict[str, int]]:
-    """Worker category -> Firework state -> count, for this campaign's jobs."""
-    return db.job_counts(launchpad.fireworks, db.campaign_jobs_filter(campaign_id))
-
-
-def audit_results(database, campaign_id: str) -> list[dict]:
-    """The campaign's audits, oldest first."""
-    query = {"campaign_id": campaign_id, "source": "audit"}
-    return list(database[db.REFERENCE_RESULTS].find(query).sort("sequence", 1))
-
-
-def campaign_status(database, launchpad, campaign_id: str) -> dict:
+def campaign_status(database, campaign_id: str) -> dict:
     """The figures `fff status ID` prints."""
     campaign = db.get_campaign(database, campaign_id)
-    audits = [doc for doc in audit_results(database, campaign_id) if "audit" in doc]
-    passed = sum(doc["audit"]["action"] == "continue" for doc in audits)
-    trajectories = list(
-        database[db.TRAJECTORIES].find(
-            {"campaign_id": campaign_id}, {"status": 1, "last_audit.reason": 1}
-        )
-    )
-    statuses = [trajectory["status"] for trajectory in trajectories]
+    audits = [result.audit for result in db.campaign_results(database, campaign_id, "audit")]
+    audits = [decision for decision in audits if decision is not None]
+    passed = sum(decision.action == "continue" for decision in audits)
+    trajectories = db.trajectory_states(database, campaign_id)
+    statuses = [status for _, status, _ in trajectories]
     return {
         "campaign": campaign_id,
-        "status": campaign["status"],
-        "stop_reason": campaign["stop_reason"],
-        "reference_spent": campaign["budget"]["spent"],
-        "budget": campaign["budget"]["num_to_run"],
+        "status": campaign.status,
+        "stop_reason": campaign.stop_reason,
+        "reference_spent": campaign.budget.spent,
+        "budget": campaign.budget.num_to_run,
         "failed_calculations": db.count_results(database, campaign_id, success=False),
-        "generation": campaign["generations"][-1] if campaign["generations"] else None,
-        "training_running": campaign["training"]["running"],
+        "generation": campaign.generations[-1] if campaign.generations else None,
+        "training_running": campaign.training.running,
         "live_trajectories": statuses.count("sampling"),
         "retired_trajectories": statuses.count("retired"),
         "problems": problems(database, campaign_id, trajectories),
         "audits": len(audits),
         "audit_pass_rate": passed / len(audits) if audits else None,
-        "recent_audit_errors": [doc["audit"]["error_per_atom"] for doc in audits[-5:]],
-        "calibration": calibration_summary(calibration_records(database, campaign_id)),
-        "jobs": job_states(launchpad, campaign_id),
+        "recent_audit_errors": [decision.error_per_atom for decision in audits[-5:]],
+        "calibration": calibration_summary(db.calibration_records(database, campaign_id)),
+        "jobs": db.job_states(database, campaign_id),
     }
 
 
-def calibration_records(database, campaign_id: str) -> list[CalibrationRecord]:
-    """Predicted uncertainty beside actual error of every computed frame that had a prediction."""
-    return [
-        CalibrationRecord.model_validate(doc["calibration"])
-        for doc in db.calibrated_results(database, campaign_id)
-    ]
-
-
-def problems(database, campaign_id: str, trajectories: list[dict], last: int = 3) -> list[str]:
+def problems(
+    database, campaign_id: str, trajectories: list[tuple[str, str, str | None]], last: int = 3
+) -> list[str]:
     """The newest reasons of failed calculations, retired trajectories and diverged members."""
-    failed = database[db.REFERENCE_RESULTS].find(
-        {"campaign_id": campaign_id, "success": False}, {"_id": 1, "reason": 1}
-    )
     reasons = [
-        f"calculation {doc['_id']}: {doc['reason']}"
-        for doc in failed.sort("sequence", -1).limit(last)
+        f"calculation {result_id}: {reason}"
+        for result_id, reason in db.failed_calculations(database, campaign_id, last)
     ]
     reasons += [
-        f"trajectory {trajectory['_id']} retired: {trajectory['last_audit']['reason']}"
-        for trajectory in trajectories
-        if trajectory["status"] == "retired"
+        f"trajectory {trajectory_id} retired: {reason}"
+        for trajectory_id, status, reason in trajectories
+        if status == "retired"
     ][-last:]
-    diverged = database[db.MODELS].find(
-        {"campaign_id": campaign_id, "diverged": {"$nin": [None, False]}}, {"diverged": 1}
-    )
-    reasons += [f"model {doc['_id']}: {doc['diverged']}" for doc in diverged.limit(last)]
+    reasons += [
+        f"model {model_id}: {reason}"
+        for model_id, reason in db.diverged_members(database, campaign_id, last)
+    ]
     return reasons
 
 
 def learning_curve(database, campaign_id: str) -> list[dict]:
     """Validation errors per generation and audit errors, against reference calculations spent."""
     campaign = db.get_campaign(database, campaign_id)
-    rows = [
-        {
-            "reference_spent": generation["reference_spent"],
-            "kind": "generation",
-            "generation": generation["generation"],
-            "validation_force_mae": generation["validation_force_mae"],
-            "validation_energy_mae_per_atom": generation["validation_energy_mae_per_atom"],
-            "audit_error_per_atom": None,
-            "audit_tolerance": None,
-        }
-        for generation in campaign["generations"]
-    ]
-    query = {"campaign_id": campaign_id, "source": {"$ne": "initial"}}
-    budgeted = database[db.REFERENCE_RESULTS].find(query, {"audit": 1, "generation": 1})
-    for spent, doc in enumerate(budgeted.sort("sequence", 1), start=1):
-        if "audit" in doc:
-            rows.append(
-                {
-                    "reference_spent": spent,
-                    "kind": "audit",
-                    "generation": doc.get("generation"),
-                    "validation_force_mae": None,
-                    "validation_energy_mae_per_atom": None,
-                    "audit_error_per_atom": doc["audit"]["error_per_atom"],
-                    "audit_tolerance": doc["audit"].get("tolerance"),
-                }
-            )
-    if not campaign["generations"]:
+    if not campaign.generations:
         raise NothingToReportError(
             f"campaign {campaign_id!r} has no trained generation yet: run its workers first"
         )
+    rows = [
+        {
+            "reference_spent": generation.reference_spent,
+            "kind": "generation",
+            "generation": generation.generation,
+            "validation_force_mae": generation.validation_force_mae,
+            "validation_energy_mae_per_atom": generation.validation_energy_mae_per_atom,
+            "audit_error_per_atom": None,
+            "audit_tolerance": None,
+        }
+        for generation in campaign.generations
+    ]
+    rows += [
+        {
+            "reference_spent": spent,
+            "kind": "audit",
+            "generation": result.generation,
+            "validation_force_mae": None,
+            "validation_energy_mae_per_atom": None,
+            "audit_error_per_atom": result.audit.error_per_atom,
+            "audit_tolerance": result.audit.tolerance,
+        }
+        for spent, result in db.budgeted_audits(database, campaign_id)
+    ]
     return sorted(rows, key=lambda row: (row["reference_spent"], row["kind"]))
 
 
@@ -151,12 +124,12 @@ def holdout_errors(database, campaign_id: str, frames: list[Atoms]) -> dict[int,
     reference_forces = np.concatenate([atoms.get_forces() for atoms in frames])
     sizes = np.array([len(atoms) for atoms in frames])
     errors = {}
-    for generation in db.get_campaign(database, campaign_id)["generations"]:
-        _, models = load_committee(database, campaign_id, generation["generation"])
+    for generation in db.get_campaign(database, campaign_id).generations:
+        _, models = load_committee(database, campaign_id, generation.generation)
         prediction = predict_committee(models, frames, compute_forces=True)
         forces = np.concatenate([member.mean(axis=0) for member in prediction.forces])
         energy_error = np.abs(prediction.energies.mean(axis=0) - reference_energy) / sizes
-        errors[generation["generation"]] = {
+        errors[generation.generation] = {
             "holdout_force_mae": float(np.abs(forces - reference_forces).mean()),
             "holdout_energy_mae_per_atom": float(energy_error.mean()),
         }
@@ -222,7 +195,7 @@ def write_calibration(database, campaign_id: str, directory: Path) -> tuple[Path
     """Predicted force deviation against actual force error, as CSV and a log-log PNG."""
     import matplotlib.pyplot as plt
 
-    records = calibration_records(database, campaign_id)
+    records = db.calibration_records(database, campaign_id)
     if not records:
         return ()
     csv_path = directory / f"{campaign_id}-calibration.csv"
@@ -259,17 +232,14 @@ def write_calibration(database, campaign_id: str, directory: Path) -> tuple[Path
 def training_atoms(database, campaign_id: str) -> list[Atoms]:
     """Every successful reference result, with energy, forces and provenance in ``info``."""
     db.get_campaign(database, campaign_id)
-    query = {"campaign_id": campaign_id, "success": True}
     frames = []
-    for doc in database[db.REFERENCE_RESULTS].find(query).sort("sequence", 1):
-        atoms = Frame.model_validate(doc["frame"]).to_atoms()
-        atoms.calc = SinglePointCalculator(
-            atoms, energy=doc["energy"], forces=np.asarray(doc["forces"])
-        )
+    for result in db.campaign_results(database, campaign_id, successful=True):
+        atoms = result.to_atoms()
+        stored = result.model_dump()
         atoms.info.update(
-            {key: doc[key] for key in PROVENANCE if doc.get(key) is not None}
-            | {"result_id": doc["_id"], "code": doc["code"], "method": doc.get("method") or ""}
-            | {"wall_time": doc["wall_time"], "host": doc["host"]}
+            {key: stored[key] for key in PROVENANCE if stored.get(key) is not None}
+            | {"result_id": result.id, "code": result.code, "method": result.method or ""}
+            | {"wall_time": result.wall_time, "host": result.host}
         )
         frames.append(atoms)
     if not frames:

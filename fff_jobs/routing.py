@@ -19,8 +19,10 @@ def route(work: Job | Flow, category: str | None, priority: int = 0) -> Job | Fl
     detour would then send the detour to the GPU worker, so the config is set
     without the dynamic flag and is never passed on: each new job is routed here.
     A category of ``None`` lets any worker run the job (the single-worker quick start).
+    FireWorks also tells the job its Firework id (``_add_launchpad_and_fw_id``; jobflow
+    puts it in the job's metadata), so the job finds its workflow without a query.
     """
-    manager_config: dict[str, object] = {"_priority": priority}
+    manager_config: dict[str, object] = {"_priority": priority, "_add_launchpad_and_fw_id": True}
     if category:
         manager_config["_category"] = category
     work.update_config(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import numpy as np
 from ase import Atoms, units
@@ -29,11 +28,10 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import pdist
 
+from fff_jobs.schemas import AuditDecision, Flag, Frame
 from fff_jobs.spec import AuditSettings, MDSettings
-from fff_jobs.structures import Frame
 
-Flag = Literal["non_finite", "close_atoms", "large_forces", "flying_apart", "uncertain"]
-# "uncertain" ends a segment where the committee disagrees: not a failure, a frame to learn
+# a flag "uncertain" ends a segment where the committee disagrees: not a failure, a frame to learn
 FAILURES = ("non_finite", "close_atoms", "large_forces", "flying_apart")
 
 
@@ -284,16 +282,6 @@ def _final_state(atoms: Atoms, log: GuardLog) -> float | None:
     atoms.set_positions(positions)
     atoms.set_momenta(momenta)
     return energy
-
-
-class AuditDecision(BaseModel):
-    """Whether a trajectory continues from its final frame, and its next segment's length."""
-
-    action: Literal["continue", "restart"]
-    reason: str
-    error_per_atom: float | None  # |E_ML - E_ref| / n_atoms, eV/atom
-    tolerance: float  # eV/atom, the tolerance this audit applied
-    run_length: int  # steps of the next segment
 
 
 def next_run_length(run_length: int, passed: bool, settings: AuditSettings) -> int:

@@ -2,6 +2,9 @@
 
 Each stage of the loop has its own section; a later change composes them into the
 campaign spec that users write in `workflows/*.yaml`. Unknown keys are rejected.
+Validation is pure (no file is opened, no module imported), so a job reads a stored
+spec back anywhere; what the machine must provide (structure files, the reference
+code) is checked once, at submit, by :meth:`CampaignSpec.check_resources`.
 """
 
 from __future__ import annotations
@@ -180,12 +183,10 @@ class CalculatorSpec(Section):
     import_path: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("import_path")
-    @classmethod
-    def _importable(cls, value: str) -> str:
-        if not callable(import_object(value)):
-            raise ValueError(f"import path {value!r} does not name a calculator class")
-        return value
+    def check_importable(self) -> None:
+        """Raise ValueError unless the import path names a calculator class here."""
+        if not callable(import_object(self.import_path)):
+            raise ValueError(f"import path {self.import_path!r} does not name a calculator class")
 
 
 class ReferenceSettings(Section):
@@ -213,8 +214,6 @@ class ReferenceSettings(Section):
     def _consistent(self) -> ReferenceSettings:
         if self.code == "xtb" and self.method not in XTB_METHODS:
             raise ValueError(f"xtb method {self.method!r} is not one of {XTB_METHODS}")
-        if self.code == "pyscf":
-            _check_pyscf(self.method or "", self.basis)
         if (self.code == "ase") != (self.calculator is not None):
             raise ValueError("give `calculator` (an import path) exactly when code is 'ase'")
         if self.code == "ase" and (self.charge, self.multiplicity) != (0, 1):
@@ -222,6 +221,16 @@ class ReferenceSettings(Section):
                 "code 'ase': set charge and spin in calculator.kwargs, with the code's own keywords"
             )
         return self
+
+    def check_code(self) -> None:
+        """Raise ValueError, naming the setting, unless the reference code can run here."""
+        if self.code == "pyscf":
+            _check_pyscf(self.method or "", self.basis)
+        if self.calculator is not None:
+            try:
+                self.calculator.check_importable()
+            except ValueError as error:
+                raise ValueError(f"calculator.import_path: {error}") from None
 
 
 def _check_pyscf(method: str, basis: str) -> None:
@@ -376,10 +385,13 @@ class SystemSettings(Section):
             )
         if self.water_clusters is None and None in files:
             raise ValueError("starting_structures and initial_data go together: give both files")
-        for path in files:
+        return self
+
+    def check_files(self) -> None:
+        """Raise ValueError unless the structure files exist."""
+        for path in (self.starting_structures, self.initial_data):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path}: no such file")
-        return self
 
 
 class WorkerSettings(Section):
@@ -424,9 +436,22 @@ class CampaignSpec(Section):
     target_force_error: float | None = Field(None, gt=0)  # eV/A, validation; stops early
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
 
+    def check_resources(self) -> None:
+        """At submit: raise ValueError, naming the setting, unless the structure files exist
+        and the reference code can run on this machine."""
+        for section, check in (
+            ("system", self.system.check_files),
+            ("reference", self.reference.check_code),
+        ):
+            try:
+                check()
+            except ValueError as error:
+                raise ValueError(f"{section}: {error}") from None
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> CampaignSpec:
-        """Read and check a spec file; file paths in it are relative to the file."""
+        """Read and check a spec file for submission (its files, its reference code); file paths
+        in it are relative to the file."""
         import yaml
         from pydantic import ValidationError
 
@@ -445,9 +470,13 @@ class CampaignSpec(Section):
                 if isinstance(system.get(key), str):
                     system[key] = str((path.parent / system[key]).resolve())
         try:
-            return cls.model_validate(content)
+            spec = cls.model_validate(content)
+            spec.check_resources()
         except ValidationError as error:
             raise SpecError(f"{path}: {describe_validation_error(error)}") from None
+        except ValueError as error:
+            raise SpecError(f"{path}: {error}") from None
+        return spec
 
 
 class SpecError(ValueError):

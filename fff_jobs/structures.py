@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import ase.db
 import ase.io
@@ -14,15 +14,19 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 from ase.neighborlist import neighbor_list
-from pydantic import BaseModel
 from scipy.spatial.transform import Rotation
 
-from fff_jobs.spec import MDSettings, ReferenceSettings, StructureSettings, WaterClusterSettings
+from fff_jobs.schemas import Frame, ReferenceResult
+from fff_jobs.spec import (
+    MDSettings,
+    ReferenceSettings,
+    StructureSettings,
+    SystemSettings,
+    WaterClusterSettings,
+)
 
 if TYPE_CHECKING:
     from ase.calculators.calculator import Calculator
-
-    from fff_jobs.reference import ReferenceResult
 
 OH_BOND = 0.96  # A
 HOH_ANGLE = 104.5  # degrees
@@ -34,38 +38,6 @@ MAX_ATOMS = 10_000
 
 class StructureError(ValueError):
     """A structure that cannot be used; the message names the file and the structure index."""
-
-
-class Frame(BaseModel):
-    """One structure as it travels through jobs and the database (A; velocities in ASE units)."""
-
-    numbers: list[int]
-    positions: list[list[float]]
-    cell: list[list[float]]
-    pbc: list[bool]
-    velocities: list[list[float]] | None = None  # ASE velocity units; kept to continue MD
-    info: dict[str, Any] = {}
-
-    @classmethod
-    def from_atoms(cls, atoms: Atoms, velocities: bool = False) -> Frame:
-        """Document of an Atoms object; velocities only when asked for."""
-        info = {k: v for k, v in atoms.info.items() if isinstance(v, str | int | float | bool)}
-        return cls(
-            numbers=atoms.numbers.tolist(),
-            positions=atoms.positions.tolist(),
-            cell=atoms.cell.array.tolist(),
-            pbc=atoms.pbc.tolist(),
-            velocities=atoms.get_velocities().tolist() if velocities else None,
-            info=info,
-        )
-
-    def to_atoms(self) -> Atoms:
-        """The Atoms object, with velocities when the frame has them."""
-        atoms = Atoms(numbers=self.numbers, positions=self.positions, cell=self.cell, pbc=self.pbc)
-        if self.velocities is not None:
-            atoms.set_velocities(self.velocities)
-        atoms.info.update(self.info)
-        return atoms
 
 
 def frame_labels(atoms: Atoms) -> tuple[float, np.ndarray]:
@@ -297,3 +269,16 @@ def initial_training_set(
     search_space = water_search_space(settings)
     frames = initial_frames(search_space, settings, md, make_calculator(reference))
     return search_space, compute_references(frames, reference)
+
+
+def starting_data(system: SystemSettings) -> tuple[list[Frame], list[Frame]]:
+    """A campaign's starting structures and the frames the user labelled for generation 0,
+    checked (at submit: the only time files are read). Water clusters are generated here;
+    their initial data comes later, from the reference (:func:`initial_frames`)."""
+    if system.water_clusters is not None:
+        return [Frame.from_atoms(atoms) for atoms in water_search_space(system.water_clusters)], []
+    starting = read_structures(system.starting_structures, system.structures)
+    initial = read_structures(system.initial_data, system.structures)
+    return [Frame.from_atoms(atoms) for atoms in starting], [
+        Frame.from_atoms(atoms) for atoms in initial
+    ]

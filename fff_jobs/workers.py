@@ -51,7 +51,11 @@ def grow(
     new = [*additions, *([detour] if detour else [])]
     running = CURRENT_JOB.job
     if new and running is not None:
-        held = db.workflow_size(project_database(), running.name, running.uuid)
+        database = project_database()
+        fw_id = running.metadata.get("fw_id") or db.firework_id(
+            database, running.name, running.uuid
+        )
+        held = 0 if fw_id is None else db.workflow_size(database, fw_id)
         if held and held + len(new) > max_workflow_jobs:
             submit(Flow(new, name=workflow_name))
             return Response(output=output)

@@ -10,6 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import bson.json_util
+
 from fff_jobs.config import EMBEDDED_KEY, Project, worker_environment
 
 TESTS = Path(__file__).resolve().parent
@@ -72,3 +74,12 @@ def submit_script(name: str) -> str:
         "from fff_jobs.workers import submit\n"
         f"print(len(submit({function}(*map(int, sys.argv[1:])))))\n"
     )
+
+
+def stored_database(project: Path) -> dict[str, list[dict]]:
+    """Collection -> documents of the embedded store, as the file on disk holds them."""
+    content = bson.json_util.loads((project / ".fff/fireworks.json").read_text())
+    return {
+        name: [document for _, document in collection["documents"]]
+        for name, collection in content["fff"].items()
+    }

@@ -9,25 +9,16 @@ import shutil
 from pathlib import Path
 
 import ase.io
-import bson.json_util
 import pytest
 import yaml
 
-from project import REPO, run
+from project import REPO, TESTS, run, stored_database
 
 pytestmark = pytest.mark.slow
 
 SPEC = REPO / "tests/specs/tiny_water.yaml"
 MAX_CYCLES = 30
-
-
-def stored_database(project: Path) -> dict[str, list[dict]]:
-    """Collection -> documents of the embedded store, as the file on disk holds them."""
-    content = bson.json_util.loads((project / ".fff/fireworks.json").read_text())
-    return {
-        name: [document for _, document in collection["documents"]]
-        for name, collection in content["fff"].items()
-    }
+HEAVY_MODULES = "cpu-worker-modules.txt"  # what CPU workers loaded (tests/imports/)
 
 
 def campaign_document(project: Path, campaign_id: str) -> dict:
@@ -37,11 +28,13 @@ def campaign_document(project: Path, campaign_id: str) -> dict:
 
 def run_workers_until_complete(project: Path, campaign_id: str) -> int:
     """Alternate a CPU and a GPU worker (one process at a time) until every job is done."""
+    heavy = {"PYTHONPATH": f"{TESTS / 'imports'}:{TESTS}"}
+    heavy["FFF_TEST_HEAVY_MODULES"] = str(project / HEAVY_MODULES)
     for cycle in range(1, MAX_CYCLES + 1):
         for category in ("cpu", "gpu"):
             worker = run(
                 project, "rlaunch", "-w", f"fw_config/my_fworker_{category}.yaml", "rapidfire",
-                "--sleep", "1", timeout=600,
+                "--sleep", "1", timeout=600, **(heavy if category == "cpu" else {}),
             )  # fmt: skip
             assert worker.returncode == 0, worker.stderr[-3000:]
         states = {fw["state"] for fw in stored_database(project)["fireworks"]}
@@ -146,6 +139,12 @@ def test_every_job_completed_on_a_worker_of_its_category(finished_campaign):
         for launch in firework["launches"]:
             assert launch["fworker"]["category"] == kinds[kind], firework["name"]
     assert seen == set(kinds)
+
+
+def test_cpu_workers_load_neither_torch_nor_mace(finished_campaign):
+    project, _ = finished_campaign
+    loaded = (project / HEAVY_MODULES).read_text().splitlines()
+    assert loaded and all(line.endswith(": none") for line in loaded), loaded
 
 
 def test_the_campaign_spreads_over_small_workflows_of_its_name(finished_campaign):

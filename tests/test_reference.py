@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,12 +12,9 @@ import pytest
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.calculators.lj import LennardJones
-from jobflow import Flow, JobStore, run_locally
-from maggma.stores import MemoryStore
-from monty.json import MontyDecoder, MontyEncoder
+from jobflow import Flow, run_locally
 from pydantic import ValidationError
 
-from fff_jobs.jobs.reference import AUDIT_PRIORITY, CALCULATION_PRIORITY, ReferenceMaker
 from fff_jobs.reference import compute_reference, compute_references, make_calculator
 from fff_jobs.spec import CalculatorSpec, ReferenceSettings
 from fff_jobs.structures import water_molecule
@@ -170,10 +168,6 @@ def test_labelled_atoms_of_a_result_carry_energy_and_forces():
     ("settings", "message"),
     [
         ({"code": "ase"}, "give `calculator`"),
-        ({"code": "ase", "calculator": {"import_path": "nowhere.Calc"}}, "cannot be imported"),
-        ({"code": "ase", "calculator": {"import_path": "ase.calculators.lj.Nope"}}, "has no"),
-        ({"code": "pyscf", "method": "GFN2-xTB"}, "give HF or a functional"),
-        ({"code": "pyscf", "basis": "no-such-basis"}, "unknown to pyscf"),
         ({"code": "xtb", "method": "PBE"}, "is not one of"),
         ({"code": "ase", "calculator": LJ.model_dump(), "charge": 1}, "calculator.kwargs"),
         ({"multiplicity": 0}, "greater than or equal to 1"),
@@ -185,20 +179,19 @@ def test_bad_reference_settings_are_rejected_with_a_clear_message(settings, mess
         ReferenceSettings(**settings)
 
 
-def test_reference_job_returns_one_result_per_frame_and_runs_on_cpu():
-    settings = ReferenceSettings(code="ase", calculator=LJ, max_force=0.05)
-    frames = [water_molecule(), Atoms("Ar2", positions=[[0, 0, 0], [3.3, 0, 0]])]
-    calculation = ReferenceMaker(settings=settings).make(frames)
-    assert calculation.config.manager_config == {"_category": "cpu", "_priority": 1}
-    assert CALCULATION_PRIORITY < AUDIT_PRIORITY
-    serialised = json.loads(json.dumps(calculation.as_dict(), cls=MontyEncoder))
-    calculation = MontyDecoder().process_decoded(serialised)
-    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
-    responses = run_locally(Flow([calculation]), store=store, log=False)
-    results = responses[calculation.uuid][1].output
-    assert [r.success for r in results] == [False, True]  # water's O-H is no LJ pair
-    assert "above max_force" in results[0].reason
-    assert results[1].frame.numbers == [18, 18]
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"code": "ase", "calculator": {"import_path": "nowhere.Calc"}}, "cannot be imported"),
+        ({"code": "ase", "calculator": {"import_path": "ase.calculators.lj.Nope"}}, "has no"),
+        ({"code": "pyscf", "method": "GFN2-xTB"}, "give HF or a functional"),
+        ({"code": "pyscf", "basis": "no-such-basis"}, "unknown to pyscf"),
+    ],
+)
+def test_a_reference_code_this_machine_cannot_run_is_refused_at_submit_only(settings, message):
+    reference = ReferenceSettings(**settings)  # valid as stored: a job never imports the code
+    with pytest.raises(ValueError, match=message):
+        reference.check_code()
 
 
 @pytest.mark.slow
@@ -207,7 +200,7 @@ def test_atomate2_static_maker_gives_the_same_energy_as_a_task_document(tmp_path
 
     monkeypatch.chdir(tmp_path)  # atomate2 writes final_atoms_object.xyz where it runs
 
-    from fff_jobs.jobs.reference import atomate2_static_maker
+    from fff_jobs.reference import atomate2_static_maker
 
     static = atomate2_static_maker(ReferenceSettings()).make(
         AseAtomsAdaptor.get_molecule(water_molecule())
@@ -218,3 +211,16 @@ def test_atomate2_static_maker_gives_the_same_energy_as_a_task_document(tmp_path
     expected = compute_reference(water_molecule(), ReferenceSettings())
     assert document.output.energy == pytest.approx(expected.energy, abs=1e-8)
     assert np.allclose(document.output.forces, expected.forces, atol=1e-6)
+
+
+def test_a_stored_pyscf_spec_is_read_back_without_importing_pyscf():
+    """A job validates its campaign's stored spec on any worker, PySCF installed or not."""
+    code = (
+        "import sys; from fff_jobs.spec import ReferenceSettings; "
+        "ReferenceSettings(code='pyscf', basis='no-such-basis'); "
+        "print('pyscf' in sys.modules)"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False"

@@ -7,17 +7,20 @@ import hashlib
 import numpy as np
 import pymongo
 import pytest
-from jobflow import JobStore, run_locally
 from mace.calculators import MACECalculator
-from maggma.stores import MemoryStore
 from test_training import TINY_MODEL, TINY_TRAINING, labelled_frames
 from typer.testing import CliRunner
 
 from fff_jobs import config
 from fff_jobs import database as registry
-from fff_jobs.committee import export_model_files, load_committee, predict_committee
-from fff_jobs.jobs.training import CommitteeInferenceMaker, TrainMemberMaker
-from fff_jobs.routing import GPU
+from fff_jobs.committee import (
+    export_model_files,
+    load_committee,
+    load_weights,
+    predict_committee,
+    register_member,
+)
+from fff_jobs.schemas import ModelRecord
 from fff_jobs.training import train_member
 
 CAMPAIGN = "water"
@@ -39,15 +42,15 @@ def cache_directory(tmp_path, monkeypatch):
 
 
 def register(database, trained, member: int, generation: int = 0, size: int = 2):
-    record = {
-        "campaign_id": CAMPAIGN,
-        "generation": generation,
-        "member": member,
-        "committee_size": size,
-        "seed": trained.seed,
-        "hyperparameters": trained.hyperparameters,
-    }
-    return registry.register_member(database, record, trained.model.state_dict())
+    record = ModelRecord(
+        campaign_id=CAMPAIGN,
+        generation=generation,
+        member=member,
+        committee_size=size,
+        seed=trained.seed,
+        hyperparameters=trained.hyperparameters,
+    )
+    return register_member(database, record, trained.model.state_dict())
 
 
 def test_round_trip_gives_bit_identical_predictions(mongo_database, members, cache_directory):
@@ -60,16 +63,16 @@ def test_round_trip_gives_bit_identical_predictions(mongo_database, members, cac
     reloaded = predict_committee(models, frames, compute_forces=True)
     assert np.array_equal(original.energies, reloaded.energies)
     assert all(np.array_equal(a, b) for a, b in zip(original.forces, reloaded.forces, strict=True))
-    assert [document["_id"] for document in documents] == ["water-g000-m00", "water-g000-m01"]
+    assert [document.id for document in documents] == ["water-g000-m00", "water-g000-m01"]
     cached = sorted(path.stem for path in cache_directory.glob("*.pt"))
-    assert cached == sorted(document["weights_sha256"] for document in documents)
+    assert cached == sorted(document.weights_sha256 for document in documents)
 
 
 def test_cached_weights_are_used_without_the_database(mongo_database, members):
     document, _ = register(mongo_database, members[0], 0, size=1)
-    first = registry.load_weights(mongo_database, document)
-    registry.weights_bucket(mongo_database).delete(document["weights_id"])
-    second = registry.load_weights(mongo_database, document)
+    first = load_weights(mongo_database, document)
+    registry.weights_bucket(mongo_database).delete(document.weights_id)
+    second = load_weights(mongo_database, document)
     assert all(np.array_equal(first[name], second[name]) for name in first)
 
 
@@ -93,7 +96,7 @@ def test_registering_twice_stores_nothing_new(mongo_database, members):
     again, created_again = register(mongo_database, members[1], 0)
 
     assert created and not created_again
-    assert again["_id"] == first["_id"] and again["seed"] == members[0].seed
+    assert again.id == first.id and again.seed == members[0].seed
     assert mongo_database[registry.MODELS].count_documents({"campaign_id": CAMPAIGN}) == 1
     files = mongo_database[f"{registry.MODEL_WEIGHTS_BUCKET}.files"]
     assert files.count_documents({}) == 1
@@ -120,22 +123,24 @@ def test_failed_registration_leaves_nothing_behind(mongo_database, members, monk
 
 def test_missing_weights_are_a_clear_error(mongo_database, members, tmp_path):
     document, _ = register(mongo_database, members[0], 0, size=1)
-    registry.weights_bucket(mongo_database).delete(document["weights_id"])
+    registry.weights_bucket(mongo_database).delete(document.weights_id)
     with pytest.raises(registry.RegistryError, match=r"water-g000-m00: its weights .* are missing"):
         registry.load_weights(mongo_database, document, tmp_path / "empty cache")
 
 
 def test_hash_mismatch_is_a_clear_error(mongo_database, members, tmp_path, cache_directory):
     document, _ = register(mongo_database, members[0], 0, size=1)
-    tampered = document | {"weights_sha256": hashlib.sha256(b"other weights").hexdigest()}
+    tampered = document.model_copy(
+        update={"weights_sha256": hashlib.sha256(b"other weights").hexdigest()}
+    )
     with pytest.raises(registry.RegistryError, match=r"water-g000-m00: .* do not match"):
         registry.load_weights(mongo_database, tampered)
 
     registry.load_weights(mongo_database, document)
-    cached = cache_directory / f"{document['weights_sha256']}.pt"
+    cached = cache_directory / f"{document.weights_sha256}.pt"
     cached.write_bytes(b"damaged")
     registry.load_weights(mongo_database, document)
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == document["weights_sha256"]
+    assert hashlib.sha256(cached.read_bytes()).hexdigest() == document.weights_sha256
 
 
 def test_exported_committee_loads_in_mace_calculator(mongo_database, members, tmp_path):
@@ -168,53 +173,21 @@ def test_cli_exports_the_current_committee(mongo_database, members, tmp_path, mo
     assert not (tmp_path / "water-g000-m00.model").exists()
 
 
-@pytest.mark.slow
-def test_jobs_train_register_warm_start_and_score(mongo_database, monkeypatch):
-    monkeypatch.setattr(config, "project_database", lambda: mongo_database)
-    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
-    maker = TrainMemberMaker(
-        model=TINY_MODEL, training=SETTINGS.model_copy(update={"committee_size": 1})
-    )
-    frames = labelled_frames(12)
-
-    first = maker.make(CAMPAIGN, 0, 0, frames)
-    assert first.config.manager_config["_category"] == GPU
-    assert first.name == "train committee member water-g000-m00"
-    output = run_locally(first, store=store, ensure_success=True)[first.uuid][1].output
-    assert output["created"] and output["model_id"] == "water-g000-m00"
-    rerun = maker.make(CAMPAIGN, 0, 0, frames)
-    assert not run_locally(rerun, store=store, ensure_success=True)[rerun.uuid][1].output["created"]
-
-    second = maker.make(CAMPAIGN, 1, 0, frames + labelled_frames(4, seed=1))
-    run_locally(second, store=store, ensure_success=True)
-    document = registry.find_member(mongo_database, CAMPAIGN, 1, 0)
-    assert document["parent_model"] == "water-g000-m00" and document["warm_started"]
-    assert document["training_set_size"] == 16 and len(document["training_set_hash"]) == 64
-    assert set(document["metrics"]) >= {"train_force_mae", "validation_energy_mae_per_atom"}
-    assert document["versions"]["mace-torch"] and document["device"] == "cpu"
-
-    inference = CommitteeInferenceMaker().make(CAMPAIGN, labelled_frames(3, seed=2))
-    assert inference.config.manager_config["_category"] == GPU
-    scores = run_locally(inference, store=store, ensure_success=True)[inference.uuid][1].output
-    assert scores["generation"] == 1 and scores["models"] == ["water-g001-m00"]
-    assert len(scores["energy_per_atom_std"]) == 3 and len(scores["descriptors"]) == 3
-
-
 def test_diverged_members_take_no_part_in_the_committee(mongo_database, members):
     register(mongo_database, members[0], 0)
-    record = {
-        "campaign_id": CAMPAIGN,
-        "generation": 0,
-        "member": 1,
-        "committee_size": 2,
-        "hyperparameters": members[1].hyperparameters,
-        "diverged": "training diverged: validation loss nan in every epoch",
-    }
-    registry.register_member(mongo_database, record, members[1].model.state_dict())
+    record = ModelRecord(
+        campaign_id=CAMPAIGN,
+        generation=0,
+        member=1,
+        committee_size=2,
+        hyperparameters=members[1].hyperparameters,
+        diverged="training diverged: validation loss nan in every epoch",
+    )
+    register_member(mongo_database, record, members[1].model.state_dict())
     documents, models = load_committee(mongo_database, CAMPAIGN, device="cpu")
-    assert [document["member"] for document in documents] == [0] and len(models) == 1
+    assert [document.member for document in documents] == [0] and len(models) == 1
     everyone = registry.committee_documents(mongo_database, CAMPAIGN)
-    assert [document["member"] for document in everyone] == [0, 1]  # still registered
+    assert [document.member for document in everyone] == [0, 1]  # still registered
     mongo_database[registry.MODELS].update_one(
         {"_id": "water-g000-m00"}, {"$set": {"diverged": "training diverged"}}
     )
@@ -222,35 +195,50 @@ def test_diverged_members_take_no_part_in_the_committee(mongo_database, members)
         load_committee(mongo_database, CAMPAIGN, device="cpu")
 
 
-def stored_results(database, campaign_id: str, frames, name: str) -> None:
+def stored_results(database, campaign_id: str, frames, name: str, first: int = 1) -> None:
     """Labelled frames stored as a campaign's successful reference results."""
-    from fff_jobs.reference import ReferenceResult
-    from fff_jobs.structures import Frame
+    from fff_jobs.schemas import Frame, StoredResult
 
-    for index, atoms in enumerate(frames):
-        result = ReferenceResult(
-            frame=Frame.from_atoms(atoms), success=True, energy=atoms.get_potential_energy(),
-            forces=atoms.get_forces().tolist(), wall_time=0.1, host="here", code="morse",
-        )  # fmt: skip
-        document = {"_id": f"{campaign_id}-{name}-{index:05d}", "campaign_id": campaign_id}
-        document |= {"source": "initial"} | result.model_dump(mode="json")
-        registry.store_reference_result(database, document)
+    results = [
+        StoredResult(
+            id=f"{campaign_id}-{name}-{index:05d}",
+            campaign_id=campaign_id,
+            source="initial",
+            sequence=first + index,
+            frame=Frame.from_atoms(atoms),
+            success=True,
+            energy=atoms.get_potential_energy(),
+            forces=atoms.get_forces().tolist(),
+            wall_time=0.1,
+            host="here",
+            code="morse",
+        )
+        for index, atoms in enumerate(frames)
+    ]
+    registry.store_reference_results(database, results)
 
 
-def test_a_generation_trains_on_one_snapshot_and_retrains_a_diverged_member(
+def test_a_generation_trains_on_one_snapshot_retrains_a_diverged_member_and_warm_starts(
     mongo_database, monkeypatch
 ):
     """Members of one generation read the results recorded when the round was claimed, even
-    if more arrive meanwhile; a member whose training diverges is trained again."""
+    if more arrive meanwhile; a member whose training diverges is trained again; the next
+    generation starts from the same member of the last."""
     import fff_jobs.training
     from fff_jobs import campaign
+    from fff_jobs.schemas import Frame, NewCampaign
     from fff_jobs.spec import CampaignSpec
+    from fff_jobs.structures import water_molecule
 
     spec = CampaignSpec.from_yaml("tests/specs/tiny_water.yaml")
     spec.model, spec.training = TINY_MODEL, SETTINGS
-    registry.create_campaign(mongo_database, "snap", "snap", spec.model_dump(mode="json"))
+    start = [Frame.from_atoms(water_molecule())]
+    new = NewCampaign(campaign_id="snap", spec=spec, starting_structures=start)
+    assert registry.create_campaign(mongo_database, new)
+    assert not registry.create_campaign(mongo_database, new)  # stored once
     stored_results(mongo_database, "snap", labelled_frames(10), "first")
-    assert registry.claim_training_round(mongo_database, "snap", 1, "owner") == 0
+    snapshot = registry.get_campaign(mongo_database, "snap")
+    assert registry.claim_training_round(mongo_database, snapshot, 1, "owner") == 0
     real_training, seeds = fff_jobs.training.train_member, []
 
     def diverging_first(frames, model, training, seed, parent=None, split=None):
@@ -261,12 +249,24 @@ def test_a_generation_trains_on_one_snapshot_and_retrains_a_diverged_member(
         return trained
 
     monkeypatch.setattr(fff_jobs.training, "train_member", diverging_first)
-    first = campaign._train_and_register(mongo_database, "snap", spec, 0, 0)
-    stored_results(mongo_database, "snap", labelled_frames(3, seed=5), "late")  # meanwhile
-    second = campaign._train_and_register(mongo_database, "snap", spec, 0, 1)
-    assert first["attempts"] == 2 and first["diverged"] is None
+    first, published, _ = campaign._train_and_register(mongo_database, snapshot, 0, 0, None)
+    stored_results(mongo_database, "snap", labelled_frames(3, seed=5), "late", first=11)
+    second, published, _ = campaign._train_and_register(mongo_database, snapshot, 0, 1, None)
+    assert first.attempts == 2 and first.diverged is None
     assert seeds[0] != seeds[1]  # the retry drew a new seed
-    assert second["attempts"] == 1
-    assert first["training_set_size"] == second["training_set_size"] == 10
-    assert first["training_set_hash"] == second["training_set_hash"]
-    assert registry.claim_training_round(mongo_database, "snap", 1, "other") is None  # running
+    assert second.attempts == 1
+    assert first.training_set_size == second.training_set_size == 10
+    assert first.training_set_hash == second.training_set_hash
+    assert [member.id for member in published] == ["snap-g000-m00", "snap-g000-m01"]
+    fresh = registry.get_campaign(mongo_database, "snap")
+    assert registry.claim_training_round(mongo_database, fresh, 1, "other") is None  # running
+
+    following = registry.claim_generation_follow_up(mongo_database, "snap", published, "owner")
+    assert following is not None and not following.training.running
+    assert [member.id for member in following.committee] == ["snap-g000-m00", "snap-g000-m01"]
+    assert registry.claim_generation_follow_up(mongo_database, "snap", published, "other") is None
+    assert registry.claim_training_round(mongo_database, following, 1, "owner") == 1
+    warm, _, _ = campaign._train_and_register(mongo_database, following, 1, 0, first)
+    assert warm.parent_model == "snap-g000-m00" and warm.training_set_size == 13
+    assert set(warm.metrics) >= {"train_force_mae", "validation_energy_mae_per_atom"}
+    assert warm.versions["mace-torch"] and warm.device == "cpu"

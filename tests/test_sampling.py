@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -11,12 +10,8 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.calculators.lj import LennardJones
 from ase.cluster import Icosahedron
-from jobflow import Flow, JobStore, run_locally
-from maggma.stores import MemoryStore
-from monty.json import MontyDecoder, MontyEncoder
 from pydantic import ValidationError
 
-from fff_jobs.jobs.sampling import AuditMaker, SegmentMaker
 from fff_jobs.reference import make_calculator
 from fff_jobs.sampling import (
     audit_decision,
@@ -25,8 +20,8 @@ from fff_jobs.sampling import (
     next_run_length,
     run_segment,
 )
-from fff_jobs.spec import AuditSettings, CalculatorSpec, MDSettings, ReferenceSettings
-from fff_jobs.structures import StructureError, water_molecule
+from fff_jobs.spec import AuditSettings, MDSettings, ReferenceSettings
+from fff_jobs.structures import water_molecule
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +34,6 @@ def _one_openmp_thread():
 
 
 ARGON_LJ = {"sigma": 3.4, "epsilon": 0.0104, "rc": 10.0}
-LJ_SPEC = CalculatorSpec(import_path="ase.calculators.lj.LennardJones", kwargs=ARGON_LJ)
 TIGHT = AuditSettings(energy_tolerance=0.02, min_run_length=10, max_run_length=1000)
 
 
@@ -265,62 +259,6 @@ def test_audit_tolerance_follows_the_committee_error_within_its_bounds():
 def test_bad_settings_are_rejected_before_anything_runs(section, values, message):
     with pytest.raises(ValidationError, match=message):
         section(**values)
-
-
-def run_flow(*jobs):
-    serialised = json.loads(json.dumps(Flow(list(jobs)).as_dict(), cls=MontyEncoder))
-    store = JobStore(MemoryStore(), additional_stores={"data": MemoryStore()})
-    return run_locally(MontyDecoder().process_decoded(serialised), store=store, log=False), store
-
-
-def test_segment_and_audit_jobs_route_store_frames_aside_and_decide():
-    settings = MDSettings(timestep=2.0, temperature=40, num_frames=5)
-    segment = SegmentMaker(settings=settings).make(Icosahedron("Ar", 2), LJ_SPEC, 40, seed=1)
-    reference = ReferenceSettings(code="ase", calculator=LJ_SPEC)
-    audit = AuditMaker(reference=reference, audit=TIGHT).make(segment.output, 50)
-    assert segment.config.manager_config == {"_category": "gpu", "_priority": 0}
-    assert audit.config.manager_config == {"_category": "cpu", "_priority": 10}
-    responses, store = run_flow(segment, audit)
-    assert len(responses[segment.uuid][1].output.frames) == 5
-    document = store.query_one({"uuid": segment.uuid}, load=False)
-    assert document["output"]["frames"]["store"] == "data"  # not inline in the document
-    assert document["output"]["flag"] is None
-    outcome = responses[audit.uuid][1].output
-    assert outcome.result.success
-    assert outcome.decision.action == "continue"  # the reference is the sampling calculator
-    assert outcome.decision.error_per_atom == pytest.approx(0.0, abs=1e-12)
-    assert outcome.decision.run_length == 100  # passed: doubled
-
-
-@pytest.mark.slow
-def test_segment_job_runs_a_mace_model_file(tmp_path):
-    import mace  # noqa: F401  (before e3nn)
-    import torch
-    from e3nn import o3
-    from mace import modules
-
-    block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
-    model = modules.ScaleShiftMACE(
-        r_max=4.0, num_bessel=4, num_polynomial_cutoff=5, max_ell=1, interaction_cls=block,
-        interaction_cls_first=block, num_interactions=1, num_elements=2,
-        hidden_irreps=o3.Irreps("8x0e"), MLP_irreps=o3.Irreps("8x0e"),
-        atomic_energies=np.array([-10.707, -102.522]), avg_num_neighbors=4.0,
-        atomic_numbers=[1, 8], correlation=2, gate=torch.nn.functional.silu,
-        atomic_inter_scale=1.0, atomic_inter_shift=0.0,
-    )  # fmt: skip
-    torch.save(model, tmp_path / "tiny.model")
-    settings = MDSettings(num_frames=3, device="cpu", max_force=1e6)
-    segment = SegmentMaker(settings=settings).make(water_dimer(), str(tmp_path / "tiny.model"), 6)
-    responses, _ = run_flow(segment)
-    output = responses[segment.uuid][1].output
-    assert output.steps == 6 and len(output.frames) == 3
-    assert np.isfinite(output.final_energy)
-
-
-def test_segment_job_refuses_overlapping_starting_atoms_before_it_runs():
-    overlapping = Atoms("H2", positions=[[0, 0, 0], [0.1, 0, 0]])
-    with pytest.raises(StructureError, match="starting structure of the segment: atoms 0 and 1"):
-        SegmentMaker().make(overlapping, LJ_SPEC)
 
 
 def test_trajectories_start_on_every_size_at_every_temperature():

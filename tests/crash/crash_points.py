@@ -39,28 +39,22 @@ def stall() -> None:
     time.sleep(float(os.environ.get("FFF_TEST_STALL_SECONDS", "600")))
 
 
-def _published(database, args, result) -> bool:
-    """The member just registered completed its generation (the follow-up is not yet added)."""
-    record = args[0]
-    return db.current_generation(database, record["campaign_id"]) == record["generation"]
-
-
 def _source(source: str):
-    return lambda database, args, result: result and args[0]["source"] == source
+    return lambda database, args, result: result and args[0][0].source == source
 
 
 # job kind -> (database function, when to die after it)
 POINTS = {
     # a generation's last member is registered and published: its follow-up is not added
-    "train": ("register_member", _published),
+    "train": ("publish_generation", lambda database, args, result: bool(result)),
     # frames pooled and the segment recorded: its audit is not handed over
     "segment": ("complete_segment", lambda database, args, result: result),
     # the audit's reference result stored, its decision not applied
-    "audit": ("store_reference_result", _source("audit")),
+    "audit": ("store_reference_results", _source("audit")),
     # the selection stored: its claim is not released, its calculations not handed over
     "select": ("store_selection", lambda database, args, result: result),
     # the first frame of a calculation job stored, the others not computed
-    "calculate": ("store_reference_result", _source("active")),
+    "calculate": ("store_reference_results", _source("active")),
 }
 
 

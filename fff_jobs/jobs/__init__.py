@@ -1,1 +1,0 @@
-"""jobflow jobs: thin wrappers over the science modules, one module per stage of the loop."""
