@@ -1,9 +1,10 @@
 """Benchmark: does a campaign learn more per reference calculation than random sampling?
 
 Run: ``.venv/bin/python benchmarks/data_efficiency.py [--quick | --full] [--budgets 25 50 100]
-[--seeds 0 1 2] [--workers 2] [--spec FILE]``. For each seed a campaign (the spec with
-``num_to_run`` set to the largest budget) runs in its own temporary project, as `fff run`
-runs it. Then, for every budget B, three training sets of the campaign's initial data
+[--seeds 0 1 2] [--workers 2] [--spec FILE] [--set KEY=VALUE ...] [--records FILE ...]``.
+For each seed a campaign (the spec with ``num_to_run`` set to the largest budget) runs in
+its own temporary project, as `fff run` runs it (``--records``: campaigns already run,
+read back). Then, for every budget B, three training sets of the campaign's initial data
 plus B frames:
 
 - *campaign*: the first B results the campaign paid for (audits and selected frames);
@@ -67,12 +68,23 @@ def campaign_specs(arguments: argparse.Namespace) -> list[dict]:
     return [
         common.campaign_spec(
             path,
+            **arguments.set,
             num_to_run=max(arguments.budgets),
             **{"training.seed": seed, "selection.seed": seed, "training.committee_size": size},
             **{"system.water_clusters.seed": seed},
         )
         for seed in arguments.seeds
     ]
+
+
+def setting(text: str) -> tuple[str, object]:
+    """A ``--set`` item: ``dotted.key=value``, the value read as YAML."""
+    import yaml
+
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a change as dotted.key=value")
+    return key, yaml.safe_load(value)
 
 
 def md_frames(starts: list[Atoms], temperatures: list[float], spec, steps: int) -> list[Atoms]:
@@ -107,7 +119,7 @@ def holdout_set(spec, steps: int) -> list[Atoms]:
 def reference_md_pool(spec, steps: int) -> list[Atoms]:
     """The ideal baseline's pool: reference MD from the campaign's starting structures, each
     trajectory at the temperature the campaign gives it."""
-    from fff_jobs.campaign import trajectory_starts
+    from fff_jobs.steering import trajectory_starts
     from fff_jobs.structures import water_search_space
 
     starts = water_search_space(spec.system.water_clusters)
@@ -345,11 +357,33 @@ def parse_arguments() -> argparse.Namespace:
         default=1,
         help="workers per campaign; above 1 the campaigns run on a jongodb test server",
     )
+    parser.add_argument(
+        "--set",
+        type=setting,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the spec, e.g. training.max_epochs=20 retrain_freq=16 (seeds, committee "
+        "size and budget stay the benchmark's)",
+    )
+    parser.add_argument(
+        "--records",
+        nargs="+",
+        default=[],
+        help="records.json of campaigns already run with these settings, one per seed in "
+        "order (each campaign's project keeps one): train and score without running them again",
+    )
     arguments = parser.parse_args()
     if arguments.quick:
         arguments.budgets, arguments.seeds = [10, 20], [0]
     elif arguments.full:
         arguments.budgets = [50, 100, 200]
+    arguments.set = dict(arguments.set)
+    if arguments.records and len(arguments.records) != len(arguments.seeds):
+        parser.error(
+            f"--records names {len(arguments.records)} file(s) for {len(arguments.seeds)} "
+            "seed(s): give one records.json per seed, in the order of --seeds"
+        )
     return arguments
 
 
@@ -363,12 +397,18 @@ def main() -> None:
     steps = 60 if arguments.quick else 400
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(specs) + 2) as background:
         uri = None
-        if arguments.campaign_workers > 1:
+        if arguments.campaign_workers > 1 and not arguments.records:
             uri = stack.enter_context(common.jongodb_server())
-        campaigns = [
-            background.submit(run_one_campaign, spec, uri, arguments.campaign_workers)
-            for spec in specs
-        ]
+        if arguments.records:
+            campaigns = [
+                background.submit(recorded_campaign, Path(path), seed)
+                for path, seed in zip(arguments.records, arguments.seeds, strict=True)
+            ]
+        else:
+            campaigns = [
+                background.submit(run_one_campaign, spec, uri, arguments.campaign_workers)
+                for spec in specs
+            ]
         holdout = background.submit(holdout_set, first, steps)
         pools = [
             background.submit(reference_md_pool, CampaignSpec.model_validate(spec), steps)
@@ -420,13 +460,26 @@ def train_all(tasks: list[dict], workers: int) -> list[dict]:
     return rows
 
 
+def recorded_campaign(path: Path, seed: int) -> dict:
+    """The records of a campaign already run for ``seed`` (a records.json file)."""
+    records = json.loads(path.read_text())
+    recorded = records["campaign"]["spec"]["training"]["seed"]
+    if recorded != seed:
+        raise SystemExit(f"{path} holds a campaign of seed {recorded}, not {seed}: order --records")
+    if records["campaign"]["budget"]["spent"] < records["campaign"]["budget"]["num_to_run"]:
+        raise SystemExit(f"{path} holds a campaign that did not spend its budget: run it again")
+    return records
+
+
 def run_one_campaign(spec: dict, server: str | None, workers: int) -> dict:
     """A campaign in its own temporary project, run as `fff run` runs it (or by several
     workers, on the server); its records."""
     project = common.temporary_project(prefix="fff-efficiency-")
     if server is not None:
         common.use_server(project, f"{server}/efficiency{spec['training']['seed']}")
-    records = common.run_campaign(project, spec, workers=workers)
+    # no time limit worth the name: a killed campaign loses everything (the embedded store
+    # is written at exit), and several campaigns at once on a busy machine take hours
+    records = common.run_campaign(project, spec, timeout=12 * 3600, workers=workers)
     campaign = records["campaign"]
     print(f"  campaign {campaign['_id']} in {project}: {campaign['status']}, spent", end=" ")
     print(f"{campaign['budget']['spent']} of {campaign['budget']['num_to_run']}", flush=True)

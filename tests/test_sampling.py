@@ -262,7 +262,7 @@ def test_bad_settings_are_rejected_before_anything_runs(section, values, message
 
 
 def test_trajectories_start_on_every_size_at_every_temperature():
-    from fff_jobs.campaign import trajectory_starts
+    from fff_jobs.steering import trajectory_starts
 
     sizes = [9, 9, 12, 12, 15, 15, 18, 18]  # two starting structures of 3, 4, 5 and 6 waters
     plan = trajectory_starts(sizes, 8, [300.0, 450.0, 600.0])
