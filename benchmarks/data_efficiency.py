@@ -57,7 +57,7 @@ LABELS = {
     "energy_mae_mev_per_atom": "energy MAE (meV/atom)",
 }
 MIN_COMMITTEE = 4
-STABILITY_STEPS = 2000  # the most MD steps counted per stability run
+STABILITY_STEPS = 2000  # the most MD steps counted per stability run (--stability-steps)
 
 
 def campaign_specs(arguments: argparse.Namespace) -> list[dict]:
@@ -181,9 +181,9 @@ def errors(models, holdout: list[Atoms]) -> dict[str, float]:
     }
 
 
-def stability(models, starts: list[Atoms], spec) -> float:
+def stability(models, starts: list[Atoms], spec, most_steps: int) -> float:
     """Mean MD steps, driven by the committee mean at the highest temperature, before a guard
-    (overlap, huge forces, flying apart, NaN) trips; at most STABILITY_STEPS each."""
+    (overlap, huge forces, flying apart, NaN) trips; at most ``most_steps`` each."""
     from mace.calculators import MACECalculator
 
     from fff_jobs.sampling import run_segment
@@ -193,7 +193,7 @@ def stability(models, starts: list[Atoms], spec) -> float:
     calculator = MACECalculator(models=models, device=device, default_dtype=dtype)
     temperature = max(spec.md.temperatures)
     steps = [
-        run_segment(atoms, calculator, spec.md, STABILITY_STEPS, 1, index, temperature).steps
+        run_segment(atoms, calculator, spec.md, most_steps, 1, index, temperature).steps
         for index, atoms in enumerate(starts)
     ]
     return float(np.mean(steps))
@@ -217,11 +217,15 @@ def train_and_score(task: dict) -> dict:
     ]
     figures = errors(models, task["holdout"]) | {"training_frames": len(frames)}
     if task["stability_starts"]:
-        figures["stability_steps"] = stability(models, task["stability_starts"], spec)
+        figures["stability_steps"] = stability(
+            models, task["stability_starts"], spec, task["stability_steps"]
+        )
     return {key: task[key] for key in ("seed", "strategy", "budget")} | figures
 
 
-def training_tasks(records, spec_dict, budgets, holdout, ideal_pool) -> list[dict]:
+def training_tasks(
+    records, spec_dict, budgets, holdout, ideal_pool, stability_steps: int
+) -> list[dict]:
     """Every (strategy, budget) training set of one seed, and the budget-0 start."""
     from fff_jobs.spec import CampaignSpec
 
@@ -236,10 +240,11 @@ def training_tasks(records, spec_dict, budgets, holdout, ideal_pool) -> list[dic
     largest = max(len(atoms) for atoms in holdout)
     starts = [atoms for atoms in holdout if len(atoms) == largest][::10]
     base = {"seed": seed, "spec": spec_dict, "holdout": holdout, "stability_starts": []}
+    base["stability_steps"] = stability_steps
     tasks = [base | {"strategy": "initial data", "budget": 0, "frames": initial}]
     for strategy, frames in extra.items():
         for budget in budgets:
-            stable = starts if budget == max(budgets) else []
+            stable = starts if budget == max(budgets) and stability_steps else []
             tasks.append(
                 base
                 | {"strategy": strategy, "budget": budget, "stability_starts": stable}
@@ -358,6 +363,12 @@ def parse_arguments() -> argparse.Namespace:
         help="workers per campaign; above 1 the campaigns run on a jongodb test server",
     )
     parser.add_argument(
+        "--stability-steps",
+        type=int,
+        default=STABILITY_STEPS,
+        help="the most MD steps of each stability run (0: no stability runs)",
+    )
+    parser.add_argument(
         "--set",
         type=setting,
         nargs="+",
@@ -420,7 +431,9 @@ def main() -> None:
     tasks = [
         task
         for record, spec, pool in zip(records, specs, pools, strict=True)
-        for task in training_tasks(record, spec, arguments.budgets, holdout, pool)
+        for task in training_tasks(
+            record, spec, arguments.budgets, holdout, pool, arguments.stability_steps
+        )
     ]
     rows = train_all(tasks, arguments.workers)
     summary = summarise(rows, arguments.budgets)
