@@ -40,10 +40,10 @@ class Check:
     needed: list[NeededJob] = field(default_factory=list)
 
 
-def alive_stages(database, campaign_id: str) -> dict[str, list[str]]:
-    """Stage -> the rest of the names of the campaign's jobs that may still run."""
+def alive_stages(jobs: list[dict]) -> dict[str, list[str]]:
+    """Stage -> the rest of the names of these jobs (the campaign's that may still run)."""
     stages: dict[str, list[str]] = {}
-    for job in db.campaign_jobs(database, campaign_id, db.ALIVE_STATES):
+    for job in jobs:
         _, stage, *rest = [*job["name"].split(" ", 2), ""]
         stages.setdefault(stage, []).append(rest[0])
     return stages
@@ -51,35 +51,41 @@ def alive_stages(database, campaign_id: str) -> dict[str, list[str]]:
 
 def alive_jobs(database, campaign_id: str) -> set[str]:
     """The uuids and names of the campaign's jobs that may still run (claims name their owner)."""
-    jobs = db.campaign_jobs(database, campaign_id, db.ALIVE_STATES)
+    return owners(db.campaign_jobs(database, campaign_id, db.ALIVE_STATES))
+
+
+def owners(jobs: list[dict]) -> set[str]:
+    """The uuids and names of these jobs: what a claim names as its owner."""
     return {job["uuid"] for job in jobs} | {job["name"] for job in jobs}
 
 
 def check_campaign(database, campaign_id: str, damage: Damage) -> Check:
     """Every invariant of the campaign; what violates each."""
     campaign = db.get_campaign(database, campaign_id)
-    alive = alive_stages(database, campaign_id)
-    owners = alive_jobs(database, campaign_id)
-    check = Check(violations=budget_violations(database, campaign, owners))
-    check.violations += duplicate_results(database, campaign_id)
+    jobs = db.campaign_jobs(database, campaign_id, db.ALIVE_STATES)
+    alive, alive_owners = alive_stages(jobs), owners(jobs)
+    results = db.budgeted_results(database, campaign_id)
+    check = Check(violations=budget_violations(database, campaign, alive_owners, set(results)))
+    check.violations += duplicate_results(results)
     check.violations += damage.describe(f"{campaign_id} ")
     stuck = _trajectories_without_jobs(database, campaign, alive)
-    stuck += _rounds_without_jobs(database, campaign, alive, owners)
+    stuck += _rounds_without_jobs(database, campaign, alive, alive_owners)
     check.violations += [line for line, _ in stuck]
     check.needed += [job for _, jobs in stuck for job in jobs]
     return check
 
 
-def budget_violations(database, campaign: Campaign, owners: set[str]) -> list[str]:
-    """The budget counter against the claims, and the claims against the results (``owners``:
-    the uuids and names of the campaign's jobs alive)."""
-    results = set(db.budgeted_results(database, campaign.id))
+def budget_violations(
+    database, campaign: Campaign, alive_owners: set[str], results: set[str]
+) -> list[str]:
+    """The budget counter against the claims, and the claims against the ``results`` that
+    spent budget (``alive_owners``: the uuids and names of the campaign's jobs alive)."""
     claims = db.claimed_results(database, campaign.id)
     claimed, spent = set(claims), campaign.budget.spent
     violations = []
     if spent != len(claims):
         violations.append(f"budget counter says {spent} spent, {len(claims)} claimed")
-    unfinished = db.unclaimed_budget(database, campaign.id, owners)
+    unfinished = db.unclaimed_budget(database, campaign.id, alive_owners)
     if unfinished:
         violations.append(f"{len(unfinished)} claimed calculation(s) with no result and no job")
     if results - claimed:
@@ -87,9 +93,10 @@ def budget_violations(database, campaign: Campaign, owners: set[str]) -> list[st
     return violations
 
 
-def duplicate_results(database, campaign_id: str) -> list[str]:
-    """Reference results stored twice: two audits of one segment, two results of one frame."""
-    keys = Counter(db.budgeted_results(database, campaign_id).values())
+def duplicate_results(results: dict[str, object]) -> list[str]:
+    """Reference results stored twice: two audits of one segment, two results of one frame
+    (``results``: result id -> what it computed)."""
+    keys = Counter(results.values())
     return [f"reference result of {key} stored {n} times" for key, n in keys.items() if n > 1]
 
 
@@ -115,21 +122,21 @@ def _trajectories_without_jobs(database, campaign: Campaign, alive: dict[str, li
     ]
 
 
-def _rounds_without_jobs(database, campaign: Campaign, alive: dict, owners: set[str]) -> list:
+def _rounds_without_jobs(database, campaign: Campaign, alive: dict, alive_owners: set[str]) -> list:
     """(violation, the jobs that would end it) for each pending round nothing moves.
 
-    A round is moved by a job of its stage, or by the job that claimed it (``owners``:
+    A round is moved by a job of its stage, or by the job that claimed it (``alive_owners``:
     the uuids of the jobs alive), which adds that job when it runs again.
     """
     if not campaign.running:
         return []
     rounds = []
     training, selection = campaign.training, campaign.selection
-    if training.running and "train" not in alive and training.owner not in owners:
+    if training.running and "train" not in alive and training.owner not in alive_owners:
         members = _members_to_train(database, campaign, training.generation)
         jobs = [NeededJob("train", (training.generation, member)) for member in members]
         rounds.append((f"training round {training.generation} has no job", jobs))
-    if selection.pending and "select" not in alive and selection.owner not in owners:
+    if selection.pending and "select" not in alive and selection.owner not in alive_owners:
         rounds.append((f"selection {selection.count - 1} has no job", []))
     waiting = db.CampaignCounts(database, campaign.id)[steering.UNCALCULATED] > 0
     if waiting and not {"select", "calculate"} & set(alive):

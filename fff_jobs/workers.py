@@ -117,7 +117,9 @@ def run_until_done(
 
     Like ``rlaunch rapidfire``, calling ``on_rocket`` after each rocket (the progress
     bar of `fff run`); with ``log_file`` the rockets' output goes there, not to the
-    terminal.
+    terminal. Unlike it, no ``run_exists`` query comes before each rocket: checking a
+    job out already says whether one was ready, and that query (a Firework and its
+    launches read, then thrown away) is about a tenth of FireWorks' cost per job.
     """
     import time
 
@@ -135,8 +137,8 @@ def run_until_done(
         os.chdir(launch_directory)
         with output_to(log_file):
             while True:
-                if launchpad.run_exists(worker):
-                    ran += bool(launch_rocket(launchpad, worker))
+                if launch_rocket(launchpad, worker):
+                    ran += 1
                     if on_rocket:
                         on_rocket()
                 elif launchpad.future_run_exists(worker):

@@ -297,3 +297,16 @@ def test_the_steering_loads_neither_torch_nor_a_database():
 
 def test_the_first_job_trains_generation_0_on_the_initial_data():
     assert steering.after_ingest(campaign()).claim_round == 1
+
+
+def test_trajectories_start_on_every_size_at_every_temperature():
+    sizes = [9, 9, 12, 12, 15, 15, 18, 18]  # two starting structures of 3, 4, 5 and 6 waters
+    plan = steering.trajectory_starts(sizes, 8, [300.0, 450.0, 600.0])
+    structures = [structure for structure, _ in plan]
+    assert sorted(structures) == list(range(8))  # every structure once
+    assert [sizes[s] for s in structures[:4]] == [9, 12, 15, 18]  # sizes first, smallest up
+    assert {temperature for _, temperature in plan} == {300.0, 450.0, 600.0}
+    for size in (9, 12, 15, 18):  # each size at two different temperatures
+        assert len({t for s, t in plan if sizes[s] == size}) == 2
+    few = steering.trajectory_starts(sizes, 3, [300.0])
+    assert [sizes[s] for s, _ in few] == [9, 12, 15]
