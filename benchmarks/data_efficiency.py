@@ -57,6 +57,13 @@ LABELS = {
     "energy_mae_mev_per_atom": "energy MAE (meV/atom)",
 }
 MIN_COMMITTEE = 4
+SET_BY_THE_BENCHMARK = {
+    "num_to_run",
+    "training.seed",
+    "selection.seed",
+    "training.committee_size",
+    "system.water_clusters.seed",
+}
 STABILITY_STEPS = 2000  # the most MD steps counted per stability run (--stability-steps)
 
 
@@ -71,7 +78,7 @@ def campaign_specs(arguments: argparse.Namespace) -> list[dict]:
             **arguments.set,
             num_to_run=max(arguments.budgets),
             **{"training.seed": seed, "selection.seed": seed, "training.committee_size": size},
-            **{"system.water_clusters.seed": seed},
+            **{"system.water_clusters.seed": seed},  # all of SET_BY_THE_BENCHMARK
         )
         for seed in arguments.seeds
     ]
@@ -390,6 +397,8 @@ def parse_arguments() -> argparse.Namespace:
     elif arguments.full:
         arguments.budgets = [50, 100, 200]
     arguments.set = dict(arguments.set)
+    for key in sorted(arguments.set.keys() & SET_BY_THE_BENCHMARK):
+        parser.error(f"--set {key}: the benchmark sets it (use --budgets and --seeds)")
     if arguments.records and len(arguments.records) != len(arguments.seeds):
         parser.error(
             f"--records names {len(arguments.records)} file(s) for {len(arguments.seeds)} "
@@ -412,7 +421,7 @@ def main() -> None:
             uri = stack.enter_context(common.jongodb_server())
         if arguments.records:
             campaigns = [
-                background.submit(recorded_campaign, Path(path), seed)
+                background.submit(recorded_campaign, Path(path), seed, max(arguments.budgets))
                 for path, seed in zip(arguments.records, arguments.seeds, strict=True)
             ]
         else:
@@ -473,14 +482,28 @@ def train_all(tasks: list[dict], workers: int) -> list[dict]:
     return rows
 
 
-def recorded_campaign(path: Path, seed: int) -> dict:
-    """The records of a campaign already run for ``seed`` (a records.json file)."""
+def recorded_campaign(path: Path, seed: int, budget: int) -> dict:
+    """The records of a campaign already run for ``seed`` (a records.json file) that spent a
+    budget of ``budget`` calculations."""
     records = json.loads(path.read_text())
     recorded = records["campaign"]["spec"]["training"]["seed"]
     if recorded != seed:
         raise SystemExit(f"{path} holds a campaign of seed {recorded}, not {seed}: order --records")
-    if records["campaign"]["budget"]["spent"] < records["campaign"]["budget"]["num_to_run"]:
-        raise SystemExit(f"{path} holds a campaign that did not spend its budget: run it again")
+    if records["campaign"]["budget"]["num_to_run"] < budget:
+        raise SystemExit(f"{path} holds a campaign with a budget below {budget}: run it again")
+    return spent_budget(records, str(path))
+
+
+def spent_budget(records: dict, source: str) -> dict:
+    """A campaign's records, if it spent its whole budget (else there are not frames enough
+    for every budget: stop, saying so)."""
+    campaign = records["campaign"]
+    spent, budget = campaign["budget"]["spent"], campaign["budget"]["num_to_run"]
+    if spent < budget:
+        raise SystemExit(
+            f"{source}: campaign {campaign['_id']} spent {spent} of {budget} calculations "
+            f"({campaign['status']}, {campaign.get('stop_reason')}): run it again"
+        )
     return records
 
 
@@ -496,7 +519,7 @@ def run_one_campaign(spec: dict, server: str | None, workers: int) -> dict:
     campaign = records["campaign"]
     print(f"  campaign {campaign['_id']} in {project}: {campaign['status']}, spent", end=" ")
     print(f"{campaign['budget']['spent']} of {campaign['budget']['num_to_run']}", flush=True)
-    return records
+    return spent_budget(records, str(project))
 
 
 if __name__ == "__main__":

@@ -499,7 +499,10 @@ def _audit(database, campaign: Campaign, trajectory: Trajectory, segment: int) -
     )
     completed = db.complete_audit(database, trajectory.id, segment, changes)
     trajectory.audits_completed = segment + 1
-    trajectory.status = changes["status"]
+    # not completed: an earlier run did it, or the trajectory stopped meanwhile (read it back)
+    trajectory.status = (
+        changes["status"] if completed else db.get_trajectory(database, trajectory.id).status
+    )
     output = {"decision": result.audit.model_dump(), "retired": changes["status"] == RETIRED}
     fresh = completed and granted[result_id] is not None
     return output | {"repeated": not completed}, fresh

@@ -591,23 +591,17 @@ def recount_budget(database: Database, campaign_id: str) -> int:
     return spent
 
 
-def unclaimed_budget(database: Database, campaign_id: str, owners: set[str]) -> list[str]:
-    """Result ids claimed by jobs not in ``owners`` whose result was never stored."""
-    claims = database[BUDGET_CLAIMS].find(
-        {"campaign_id": campaign_id, "owner": {"$nin": list(owners)}}
-    )
-    claimed = [claim["result_id"] for claim in claims]
-    stored = {
-        doc["_id"]
-        for doc in database[REFERENCE_RESULTS].find({"_id": {"$in": claimed}}, {"_id": 1})
-    }
-    return [result_id for result_id in claimed if result_id not in stored]
+def budget_claims(database: Database, campaign_id: str) -> dict[str, str]:
+    """Result id -> owner (the claiming job's uuid or name) of each of the campaign's budget
+    claims (one per calculation spent)."""
+    found = database[BUDGET_CLAIMS].find({"campaign_id": campaign_id}, {"result_id": 1, "owner": 1})
+    return {claim["result_id"]: claim["owner"] for claim in found}
 
 
-def claimed_results(database: Database, campaign_id: str) -> list[str]:
-    """The result id of each of the campaign's budget claims (one per calculation spent)."""
-    found = database[BUDGET_CLAIMS].find({"campaign_id": campaign_id}, {"result_id": 1})
-    return [claim["result_id"] for claim in found]
+def budget_spent(database: Database, campaign_id: str) -> int:
+    """The campaign's budget counter, read alone."""
+    document = database[CAMPAIGNS].find_one({"_id": campaign_id}, {"budget.spent": 1})
+    return document["budget"]["spent"]
 
 
 def reserve_sequence(database: Database, campaign_id: str, count: int) -> int:

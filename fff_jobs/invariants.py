@@ -60,36 +60,68 @@ def owners(jobs: list[dict]) -> set[str]:
 
 
 def check_campaign(database, campaign_id: str, damage: Damage) -> Check:
-    """Every invariant of the campaign; what violates each."""
+    """Every invariant of the campaign; what violates each.
+
+    A live campaign changes while it is read. The reads come in an order that lets no
+    job caught between two of its writes pass for damage (see :func:`budget_violations`).
+    """
     campaign = db.get_campaign(database, campaign_id)
+    results_before = db.budgeted_results(database, campaign_id)
+    claims = db.budget_claims(database, campaign_id)
     jobs = db.campaign_jobs(database, campaign_id, db.ALIVE_STATES)
-    alive, alive_owners = alive_stages(jobs), owners(jobs)
     results = db.budgeted_results(database, campaign_id)
-    check = Check(violations=budget_violations(database, campaign, alive_owners, set(results)))
-    check.violations += duplicate_results(results)
+    spent_now = db.budget_spent(database, campaign_id)
+    alive, alive_owners = alive_stages(jobs), owners(jobs)
+    check = Check(violations=duplicate_results(results))
+    check.violations += budget_violations(
+        BudgetReads(campaign.budget.spent, spent_now, claims, set(results_before), set(results)),
+        alive_owners,
+    )
     check.violations += damage.describe(f"{campaign_id} ")
-    stuck = _trajectories_without_jobs(database, campaign, alive)
+    running = {job["name"].split(" ")[1] for job in jobs if job["state"] == "RUNNING"}
+    stuck = _trajectories_without_jobs(database, campaign, alive, running)
     stuck += _rounds_without_jobs(database, campaign, alive, alive_owners)
     check.violations += [line for line, _ in stuck]
     check.needed += [job for _, jobs in stuck for job in jobs]
     return check
 
 
-def budget_violations(
-    database, campaign: Campaign, alive_owners: set[str], results: set[str]
-) -> list[str]:
-    """The budget counter against the claims, and the claims against the ``results`` that
-    spent budget (``alive_owners``: the uuids and names of the campaign's jobs alive)."""
-    claims = db.claimed_results(database, campaign.id)
-    claimed, spent = set(claims), campaign.budget.spent
-    violations = []
-    if spent != len(claims):
-        violations.append(f"budget counter says {spent} spent, {len(claims)} claimed")
-    unfinished = db.unclaimed_budget(database, campaign.id, alive_owners)
+@dataclass(frozen=True)
+class BudgetReads:
+    """A campaign's budget as read, in this order: the counter (``spent_before``), the
+    results that spent budget (``results_before``), the claims (result id -> owner),
+    then (after the jobs alive) the results again and the counter again."""
+
+    spent_before: int
+    spent_after: int
+    claims: dict[str, str]
+    results_before: set[str]
+    results_after: set[str]
+
+
+def budget_violations(budget: BudgetReads, alive_owners: set[str]) -> list[str]:
+    """The budget counter against the claims, and the claims against the results
+    (``alive_owners``: the uuids and names of the campaign's jobs alive).
+
+    A job claims, then raises the counter, then stores its result. So every claim the
+    first count counted, and every result stored before the claims were read, is among
+    the claims; a claim the second count lacks, or whose result the second read lacks,
+    belongs to a job alive in between, unless that job died.
+    """
+    claims, violations = budget.claims, []
+    in_flight = sum(owner in alive_owners for owner in claims.values())
+    if budget.spent_before > len(claims) or len(claims) - budget.spent_after > in_flight:
+        violations.append(f"budget counter says {budget.spent_after} spent, {len(claims)} claimed")
+    unfinished = [
+        result_id
+        for result_id, owner in claims.items()
+        if result_id not in budget.results_after and owner not in alive_owners
+    ]
     if unfinished:
         violations.append(f"{len(unfinished)} claimed calculation(s) with no result and no job")
-    if results - claimed:
-        violations.append(f"{len(results - claimed)} budgeted result(s) without a claim")
+    unclaimed = budget.results_before - set(claims)
+    if unclaimed:
+        violations.append(f"{len(unclaimed)} budgeted result(s) without a claim")
     return violations
 
 
@@ -107,12 +139,19 @@ def next_job(trajectory: db.TrajectoryProgress) -> NeededJob:
     return NeededJob("segment", (trajectory.id, trajectory.segments_completed))
 
 
-def _trajectories_without_jobs(database, campaign: Campaign, alive: dict[str, list[str]]) -> list:
-    """(violation, the jobs that would end it) for each sampling trajectory nothing moves."""
+def _trajectories_without_jobs(
+    database, campaign: Campaign, alive: dict[str, list[str]], running: set[str]
+) -> list:
+    """(violation, the jobs that would end it) for each sampling trajectory nothing moves.
+
+    While a train job runs (``running``: the stages of the jobs running), none is named:
+    a new generation starts or revives trajectories in the database before FireWorks
+    adds their segments, when that job completes.
+    """
     sampling = db.sampling_trajectories(database, campaign.id)
     if not campaign.running:
         return [(f"trajectory {t.id} is sampling in a finished campaign", []) for t in sampling]
-    if campaign.budget.left == 0:
+    if campaign.budget.left == 0 or "train" in running:
         return []
     moving = {rest.split(" ")[0] for stage in ("segment", "audit") for rest in alive.get(stage, [])}
     return [
@@ -126,7 +165,7 @@ def _rounds_without_jobs(database, campaign: Campaign, alive: dict, alive_owners
     """(violation, the jobs that would end it) for each pending round nothing moves.
 
     A round is moved by a job of its stage, or by the job that claimed it (``alive_owners``:
-    the uuids of the jobs alive), which adds that job when it runs again.
+    the uuids and names of the jobs alive), which adds that job when it runs again.
     """
     if not campaign.running:
         return []

@@ -28,6 +28,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from fireworks.core.firework import Workflow
 from fireworks.core.launchpad import LazyFirework
@@ -130,7 +131,7 @@ def inspect(launchpad, wait: float) -> Damage:
     while persisting and time.monotonic() < deadline:
         time.sleep(min(POLL_SECS, max(0.0, deadline - time.monotonic())))
         now, documents = _observe(launchpad)
-        persisting = first & now
+        persisting &= now
     return _damage(persisting, documents)
 
 
@@ -202,12 +203,15 @@ def _orphan_keys(launchpad, orphans: dict[int, str]) -> dict[str, int]:
 
 
 def _take_lock(launchpad, damage: Damage, workflow) -> bool:
-    """Lock the workflow for the repair: a stale lock is taken over as long as it is unchanged."""
+    """Lock the workflow for the repair: a stale lock is taken over as long as it is unchanged,
+    in one update that restamps it, so that of two repairs at once only one takes it."""
     if workflow in damage.stale_locks:
         query = {"_id": workflow, "locked": True}
         for document in launchpad.workflows.find(query, {"updated_on": 1}):
             if str(document.get("updated_on")) == damage.stale_locks[workflow]:
-                return True
+                unchanged = query | {"updated_on": document.get("updated_on")}
+                stamp = {"$set": {"updated_on": datetime.now(UTC)}}
+                return launchpad.workflows.find_one_and_update(unchanged, stamp) is not None
     query = {"_id": workflow, "locked": {"$exists": False}}
     return launchpad.workflows.find_one_and_update(query, {"$set": {"locked": True}}) is not None
 

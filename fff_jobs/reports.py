@@ -10,6 +10,7 @@ from ase import Atoms
 
 from fff_jobs import database as db
 from fff_jobs.calibration import CalibrationRecord, calibration_summary
+from fff_jobs.schemas import RETIRED, SAMPLING
 from fff_jobs.structures import StructureError, read_structures
 
 PROVENANCE = ("source", "trajectory_id", "segment", "generation", "selection_id", "frame_id")
@@ -36,8 +37,8 @@ def campaign_status(database, campaign_id: str) -> dict:
         "failed_calculations": db.count_results(database, campaign_id, success=False),
         "generation": campaign.generations[-1] if campaign.generations else None,
         "training_running": campaign.training.running,
-        "live_trajectories": statuses.count("sampling"),
-        "retired_trajectories": statuses.count("retired"),
+        "live_trajectories": statuses.count(SAMPLING),
+        "retired_trajectories": statuses.count(RETIRED),
         "problems": problems(database, campaign_id, trajectories),
         "audits": len(audits),
         "audit_pass_rate": passed / len(audits) if audits else None,
@@ -58,7 +59,7 @@ def problems(
     reasons += [
         f"trajectory {trajectory_id} retired: {reason}"
         for trajectory_id, status, reason in trajectories
-        if status == "retired"
+        if status == RETIRED
     ][-last:]
     reasons += [
         f"model {model_id}: {reason}"

@@ -119,7 +119,8 @@ def run_until_done(
     bar of `fff run`); with ``log_file`` the rockets' output goes there, not to the
     terminal. Unlike it, no ``run_exists`` query comes before each rocket: checking a
     job out already says whether one was ready, and that query (a Firework and its
-    launches read, then thrown away) is about a tenth of FireWorks' cost per job.
+    launches read, then thrown away) is about a tenth of FireWorks' cost per job. Only
+    while nothing is ready does it poll, without launching empty rockets.
     """
     import time
 
@@ -141,9 +142,10 @@ def run_until_done(
                     ran += 1
                     if on_rocket:
                         on_rocket()
-                elif launchpad.future_run_exists(worker):
+                    continue
+                while not launchpad.run_exists(worker):  # wait quietly for a job to be ready
+                    if not launchpad.future_run_exists(worker):
+                        return ran
                     time.sleep(0.5)
-                else:
-                    return ran
     finally:
         os.chdir(here)

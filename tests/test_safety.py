@@ -15,6 +15,8 @@ import torch
 from fff_jobs import committee, steering
 from fff_jobs import database as db
 from fff_jobs.campaign import _divergence
+from fff_jobs.invariants import check_campaign
+from fff_jobs.repair import Damage
 from fff_jobs.reports import campaign_status
 from fff_jobs.schemas import Frame, ModelRecord, NewCampaign, PooledFrame, Selection
 from fff_jobs.spec import CampaignSpec
@@ -108,16 +110,51 @@ def test_concurrent_claims_spend_the_budget_exactly(mongo_database):
     assert mongo_database[db.BUDGET_CLAIMS].count_documents({}) == 10
 
 
+def firework(campaign_id: str, stage: str, state: str, fw_id: int) -> dict:
+    """A Firework of one of the campaign's jobs, as the invariants read it."""
+    job = {"uuid": f"uuid-{fw_id}"}
+    name = f"{campaign_id} {stage} {fw_id}"
+    return {"fw_id": fw_id, "name": name, "state": state, "spec": {"_tasks": [{"job": job}]}}
+
+
 def test_a_crash_between_claim_and_counter_is_repaired(mongo_database):
     campaign_id = new_campaign(mongo_database, num_to_run=3)
-    assert claim(mongo_database, campaign_id, "a", "job")
+    mongo_database[db.FIREWORKS].insert_one(firework(campaign_id, "calculate", "RUNNING", 1))
+    assert claim(mongo_database, campaign_id, "a", "uuid-1")
     mongo_database[db.BUDGET_CLAIMS].insert_one(
         {"_id": f"{campaign_id}-budget0000001", "campaign_id": campaign_id, "slot": 1,
          "result_id": "b", "owner": "dead job", "claimed_at": db.now()}
     )  # fmt: skip
     assert db.recount_budget(mongo_database, campaign_id) == 2
     assert db.get_campaign(mongo_database, campaign_id).budget.left == 1
-    assert db.unclaimed_budget(mongo_database, campaign_id, {"job"}) == ["b"]
+    check = check_campaign(mongo_database, campaign_id, Damage())
+    assert check.violations == ["1 claimed calculation(s) with no result and no job"]
+
+
+def test_a_live_job_between_two_of_its_writes_is_no_violation(mongo_database):
+    campaign_id = new_campaign(mongo_database, num_to_run=3)
+    audit = firework(campaign_id, "audit", "RUNNING", 1)
+    train = firework(campaign_id, "train", "RUNNING", 2)
+    mongo_database[db.FIREWORKS].insert_many([audit, train])
+    mongo_database[db.BUDGET_CLAIMS].insert_one(
+        {"_id": f"{campaign_id}-budget0000000", "campaign_id": campaign_id, "slot": 0,
+         "result_id": "a", "owner": "uuid-1", "claimed_at": db.now()}
+    )  # claimed, the counter not raised yet, no result yet  # fmt: skip
+    mongo_database[db.TRAJECTORIES].insert_one(
+        {"_id": f"{campaign_id}-t000", "campaign_id": campaign_id, "index": 0,
+         "status": "sampling", "segments_completed": 0, "audits_completed": 0}
+    )  # started by the running train job, its segment not added yet  # fmt: skip
+    assert check_campaign(mongo_database, campaign_id, Damage()).violations == []
+
+    for fw_id in (1, 2):  # both jobs died
+        mongo_database[db.FIREWORKS].update_one({"fw_id": fw_id}, {"$set": {"state": "FIZZLED"}})
+    check = check_campaign(mongo_database, campaign_id, Damage())
+    assert check.violations[:3] == [
+        "budget counter says 0 spent, 1 claimed",
+        "1 claimed calculation(s) with no result and no job",
+        f"trajectory {campaign_id}-t000 is sampling with no job to move it",
+    ]
+    assert [job.stage for job in check.needed] == ["segment"]
 
 
 def test_campaign_and_selection_documents_stay_small_however_many_claims_and_frames(
