@@ -57,14 +57,18 @@ LABELS = {
     "energy_mae_mev_per_atom": "energy MAE (meV/atom)",
 }
 MIN_COMMITTEE = 4
-SET_BY_THE_BENCHMARK = {
-    "num_to_run",
-    "training.seed",
-    "selection.seed",
-    "training.committee_size",
-    "system.water_clusters.seed",
-}
 STABILITY_STEPS = 2000  # the most MD steps counted per stability run (--stability-steps)
+
+
+def set_by_the_benchmark(seed: int, committee_size: int, budget: int) -> dict[str, object]:
+    """The spec settings the benchmark chooses itself (``--set`` may not change them)."""
+    return {
+        "num_to_run": budget,
+        "training.seed": seed,
+        "selection.seed": seed,
+        "training.committee_size": committee_size,
+        "system.water_clusters.seed": seed,
+    }
 
 
 def campaign_specs(arguments: argparse.Namespace) -> list[dict]:
@@ -74,11 +78,7 @@ def campaign_specs(arguments: argparse.Namespace) -> list[dict]:
     size = max(spec.get("training", {}).get("committee_size", 8), MIN_COMMITTEE)
     return [
         common.campaign_spec(
-            path,
-            **arguments.set,
-            num_to_run=max(arguments.budgets),
-            **{"training.seed": seed, "selection.seed": seed, "training.committee_size": size},
-            **{"system.water_clusters.seed": seed},  # all of SET_BY_THE_BENCHMARK
+            path, **arguments.set, **set_by_the_benchmark(seed, size, max(arguments.budgets))
         )
         for seed in arguments.seeds
     ]
@@ -397,7 +397,7 @@ def parse_arguments() -> argparse.Namespace:
     elif arguments.full:
         arguments.budgets = [50, 100, 200]
     arguments.set = dict(arguments.set)
-    for key in sorted(arguments.set.keys() & SET_BY_THE_BENCHMARK):
+    for key in sorted(arguments.set.keys() & set_by_the_benchmark(0, 0, 0).keys()):
         parser.error(f"--set {key}: the benchmark sets it (use --budgets and --seeds)")
     if arguments.records and len(arguments.records) != len(arguments.seeds):
         parser.error(

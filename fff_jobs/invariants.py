@@ -78,7 +78,7 @@ def check_campaign(database, campaign_id: str, damage: Damage) -> Check:
         alive_owners,
     )
     check.violations += damage.describe(f"{campaign_id} ")
-    running = {job["name"].split(" ")[1] for job in jobs if job["state"] == "RUNNING"}
+    running = set(alive_stages([job for job in jobs if job["state"] == "RUNNING"]))
     stuck = _trajectories_without_jobs(database, campaign, alive, running)
     stuck += _rounds_without_jobs(database, campaign, alive, alive_owners)
     check.violations += [line for line, _ in stuck]
