@@ -45,6 +45,7 @@ from fff_jobs.schemas import (
     ReferenceResult,
     Selection,
     StoredResult,
+    TrainingSnapshot,
     Trajectory,
 )
 from fff_jobs.spec import CampaignSpec
@@ -243,9 +244,9 @@ def train(database, campaign_id: str, generation: int, member: int) -> Stage:
     return stage
 
 
-def _training_frames(database, campaign_id: str, generation: int) -> tuple[list[Atoms], list[str]]:
-    """The generation's training snapshot as labelled Atoms, and each frame's result id."""
-    results = db.training_results(database, campaign_id, generation)
+def _training_frames(database, snapshot: TrainingSnapshot) -> tuple[list[Atoms], list[str]]:
+    """A generation's training snapshot as labelled Atoms, and each frame's result id."""
+    results = db.training_results(database, snapshot)
     return [result.to_atoms() for result in results], [result.id for result in results]
 
 
@@ -268,14 +269,16 @@ def _train_and_register(
     from fff_jobs.training import train_member as train_one
 
     spec = campaign.spec
-    frames, result_ids = _training_frames(database, campaign.id, generation)
+    snapshot = db.training_snapshot(database, campaign.id, generation)
+    frames, result_ids = _training_frames(database, snapshot)
+    settings = spec.training.for_generation(snapshot.final)
     start = None
-    if spec.training.warm_start and parent is not None:
+    if settings.warm_start and parent is not None:
         start = (parent.hyperparameters, load_weights(database, parent))
     split = member_split(spec, member, result_ids)
-    for attempt in range(spec.training.max_attempts):
-        seed = member_seed(spec.training.seed, generation, member, attempt)
-        trained = train_one(frames, spec.model, spec.training, seed, start, split)
+    for attempt in range(settings.max_attempts):
+        seed = member_seed(settings.seed, generation, member, attempt)
+        trained = train_one(frames, spec.model, settings, seed, start, split)
         diverged = _divergence(trained.history)
         if diverged is None:
             break
@@ -359,7 +362,9 @@ def _generation_errors(
 
     spec = campaign.spec
     documents, models = load_committee(database, campaign.id, generation, documents=members)
-    atoms, result_ids = frames or _training_frames(database, campaign.id, generation)
+    atoms, result_ids = frames or _training_frames(
+        database, db.training_snapshot(database, campaign.id, generation)
+    )
     held_out = [set(member_split(spec, d.member, result_ids)[1]) for d in documents]
     return out_of_sample_errors(models, atoms, held_out, spec.inference_batch_size)
 

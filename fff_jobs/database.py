@@ -679,40 +679,46 @@ def claim_training_round(
         campaign.training = campaign.training.model_copy(
             update={"running": True, "generation": generation, "owner": owner}
         )
-    _record_snapshot(database, campaign.id, generation, result_ids)
+    _record_snapshot(database, campaign, generation, result_ids)
     return generation
 
 
 def _record_snapshot(
-    database: Database, campaign_id: str, generation: int, result_ids: list[str]
+    database: Database, campaign: Campaign, generation: int, result_ids: list[str]
 ) -> None:
     """Record, once, the results a generation trains on (a re-run keeps the first snapshot).
 
     Every member of the generation reads this one list, so all train on the same
-    frames, whatever arrives while they train.
+    frames, whatever arrives while they train. A round claimed once the whole budget is
+    spent is final: it trains on the last results, so no round after it has more to learn.
     """
     snapshot = TrainingSnapshot(
-        id=f"{campaign_id}-g{generation:03d}",
-        campaign_id=campaign_id,
+        id=f"{campaign.id}-g{generation:03d}",
+        campaign_id=campaign.id,
         generation=generation,
         result_ids=result_ids,
+        final=campaign.budget.left == 0,
     )
     database[TRAINING_SNAPSHOTS].update_one(
         {"_id": snapshot.id}, {"$setOnInsert": snapshot.document()}, upsert=True
     )
 
 
-def training_results(database: Database, campaign_id: str, generation: int) -> list[StoredResult]:
-    """The reference results of a generation's training snapshot, in the order stored."""
+def training_snapshot(database: Database, campaign_id: str, generation: int) -> TrainingSnapshot:
+    """The snapshot a generation trains on (which results, whether it is final)."""
     snapshot = database[TRAINING_SNAPSHOTS].find_one({"_id": f"{campaign_id}-g{generation:03d}"})
     if snapshot is None:
         raise RegistryError(
             f"campaign {campaign_id!r} has no training snapshot of generation "
             f"{generation}: its training round was never claimed"
         )
-    ids = TrainingSnapshot.model_validate(snapshot).result_ids
-    found = find_reference_results(database, ids)
-    return [found[result_id] for result_id in ids]
+    return TrainingSnapshot.model_validate(snapshot)
+
+
+def training_results(database: Database, snapshot: TrainingSnapshot) -> list[StoredResult]:
+    """The reference results of a training snapshot, in the order stored."""
+    found = find_reference_results(database, snapshot.result_ids)
+    return [found[result_id] for result_id in snapshot.result_ids]
 
 
 def claim_generation_follow_up(

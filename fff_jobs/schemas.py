@@ -322,6 +322,7 @@ class TrainingSnapshot(Stored):
     campaign_id: str
     generation: int
     result_ids: list[str]
+    final: bool = False  # taken once the whole budget was spent: the delivered committee
     taken_at: datetime.datetime = Field(default_factory=now)
 
 

@@ -9,13 +9,22 @@ code) is checked once, at submit, by :meth:`CampaignSpec.check_resources`.
 
 from __future__ import annotations
 
+import importlib
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -131,10 +140,24 @@ class TrainingSettings(Section):
     learning_rate: float = Field(0.01, gt=0)
     weight_decay: float = Field(5e-7, ge=0)
     max_epochs: int = Field(500, ge=1)
+    final_max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="a generation trained once the whole budget is spent (the committee the "
+        "campaign delivers; earlier ones only steer sampling) trains from scratch for up to "
+        "this many epochs; null: like every other generation",
+    )
     patience: int = Field(30, ge=1, description="epochs without a better validation loss")
     scheduler_patience: int = Field(10, ge=1, description="epochs before the rate is reduced")
     learning_rate_factor: float = Field(0.8, gt=0, lt=1)
     max_grad_norm: float | None = 10.0
+    ema_decay: float | None = Field(
+        0.99,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (mace's --ema) and "
+        "validate and keep the average; null: the raw weights",
+    )
     warm_start: bool = Field(True, description="start member i from member i of the last one")
     warm_start_learning_rate_factor: float = Field(
         0.3,
@@ -149,14 +172,21 @@ class TrainingSettings(Section):
     )
     device: Device = Field("auto", description="auto: cuda if present")
 
+    def for_generation(self, final: bool) -> TrainingSettings:
+        """The settings a generation trains with: a final one from scratch, for longer.
+
+        A cold start trained for longer ends lower than a chain of warm starts: on the
+        README's hold-out set, 80 epochs from scratch reached a force MAE of 0.038 eV/A,
+        40 more epochs from the last warm-started member 0.050 (water_xtb, 120 frames).
+        """
+        if final and self.final_max_epochs is not None:
+            return self.model_copy(
+                update={"max_epochs": self.final_max_epochs, "warm_start": False}
+            )
+        return self
+
 
 # --- reference calculations, structures, MD sampling, audits, selection ---
-# (imports of this section; the lead may hoist them to the top of the file)
-import importlib  # noqa: E402
-from typing import Any  # noqa: E402
-
-from pydantic import model_validator  # noqa: E402
-
 XTB_METHODS = ("GFN2-xTB", "GFN1-xTB", "IPEA1-xTB")
 
 

@@ -29,6 +29,7 @@ from mace import modules
 from mace.tools import AtomicNumberTable, torch_geometric
 from mace.tools.scripts_utils import get_params_options
 from mace.tools.train import evaluate, train_one_epoch
+from torch_ema import ExponentialMovingAverage
 
 from fff_jobs.spec import ModelSettings, TrainingSettings
 from fff_jobs.structures import frame_labels
@@ -347,31 +348,41 @@ def _outputs(settings: TrainingSettings) -> dict[str, bool]:
     return {"energy": True, "forces": True, "virials": False, "stress": settings.loss == "huber"}
 
 
-def _epoch(
+def _train_epoch(
     model: torch.nn.Module,
     loss_fn: torch.nn.Module,
-    loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
+    loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     settings: TrainingSettings,
     epoch: int,
+    ema: ExponentialMovingAverage | None,
+) -> None:
+    """One epoch of mace's ``train_one_epoch``, updating the moving average after each step."""
+    train_one_epoch(
+        model=model,
+        loss_fn=loss_fn,
+        data_loader=loader,
+        optimizer=optimizer,
+        epoch=epoch,
+        output_args=_outputs(settings),
+        max_grad_norm=settings.max_grad_norm,
+        ema=ema,
+        logger=_DiscardMetrics(),
+        device=next(model.parameters()).device,
+        distributed=False,
+    )
+
+
+def _validate(
+    model: torch.nn.Module,
+    loss_fn: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    settings: TrainingSettings,
+    epoch: int,
 ) -> dict[str, float]:
-    """Train one epoch with mace's ``train_one_epoch`` (none at epoch 0), then validate."""
+    """The validation loss and errors of the model's current weights."""
     device = next(model.parameters()).device
-    if epoch:
-        train_one_epoch(
-            model=model,
-            loss_fn=loss_fn,
-            data_loader=loaders[0],
-            optimizer=optimizer,
-            epoch=epoch,
-            output_args=_outputs(settings),
-            max_grad_norm=settings.max_grad_norm,
-            ema=None,
-            logger=_DiscardMetrics(),
-            device=device,
-            distributed=False,
-        )
-    loss, metrics = evaluate(model, loss_fn, loaders[1], _outputs(settings), device)
+    loss, metrics = evaluate(model, loss_fn, loader, _outputs(settings), device)
     return {
         "epoch": epoch,
         "validation_loss": float(loss),
@@ -391,23 +402,31 @@ def _fit(
     mace's ``mace.tools.train.train`` would run this loop, but in mace-torch 0.3.16 its
     early stopping never ends a run outside distributed mode (ACEsuit/mace#1384) and it
     keeps no per-epoch history, so the epochs are driven here with mace's own
-    ``train_one_epoch``, ``evaluate``, loss modules and optimizer parameter groups.
+    ``train_one_epoch``, ``evaluate``, loss modules and optimizer parameter groups. With
+    ``ema_decay``, as mace's ``--ema``, the weights validated and kept are the exponential
+    moving average of the trained ones.
     """
     optimizer = _optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=settings.learning_rate_factor, patience=settings.scheduler_patience
     )
+    ema = None
+    if settings.ema_decay is not None:
+        ema = ExponentialMovingAverage(model.parameters(), decay=settings.ema_decay)
     start, history = time.perf_counter(), []
     best_loss, best_epoch, best_state = np.inf, 0, copy.deepcopy(model.state_dict())
     for epoch in range(settings.max_epochs + 1):
-        entry = _epoch(model, loss_fn, loaders, optimizer, settings, epoch)
+        if epoch:
+            _train_epoch(model, loss_fn, loaders[0], optimizer, settings, epoch, ema)
+        with ema.average_parameters() if ema is not None else contextlib.nullcontext():
+            entry = _validate(model, loss_fn, loaders[1], settings, epoch)
+            if entry["validation_loss"] < best_loss:
+                best_loss, best_epoch = entry["validation_loss"], epoch
+                best_state = copy.deepcopy(model.state_dict())
         history.append(entry | {"seconds": time.perf_counter() - start})
         if epoch:
             scheduler.step(entry["validation_loss"])
-        if entry["validation_loss"] < best_loss:
-            best_loss, best_epoch = entry["validation_loss"], epoch
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= settings.patience:
+        if epoch - best_epoch >= settings.patience:
             break
     model.load_state_dict(best_state)
     return history, best_epoch

@@ -93,6 +93,8 @@ def test_each_generation_trains_on_one_snapshot_and_reports_out_of_sample_errors
     stored = stored_database(project)
     snapshots = {s["generation"]: s["result_ids"] for s in stored["training_snapshots"]}
     assert sorted(snapshots) == sorted({m["generation"] for m in stored["models"]})
+    final = {s["generation"] for s in stored["training_snapshots"] if s["final"]}
+    assert max(snapshots) in final and 0 not in final  # the delivered committee trains longest
     for model in stored["models"]:
         assert model["training_set_size"] == len(snapshots[model["generation"]])
         assert not model["diverged"] and model["attempts"] >= 1

@@ -270,3 +270,36 @@ def test_a_generation_trains_on_one_snapshot_retrains_a_diverged_member_and_warm
     assert warm.parent_model == "snap-g000-m00" and warm.training_set_size == 13
     assert set(warm.metrics) >= {"train_force_mae", "validation_energy_mae_per_atom"}
     assert warm.versions["mace-torch"] and warm.device == "cpu"
+
+
+def test_a_round_claimed_once_the_budget_is_spent_trains_from_scratch_for_longer(
+    mongo_database,
+):
+    """The last generation is the committee a campaign delivers: a cold start, more epochs."""
+    from fff_jobs import campaign
+    from fff_jobs.schemas import Frame, NewCampaign
+    from fff_jobs.spec import CampaignSpec
+    from fff_jobs.structures import water_molecule
+
+    spec = CampaignSpec.from_yaml("tests/specs/tiny_water.yaml")
+    updates = {"max_epochs": 1, "patience": 10, "final_max_epochs": 3}
+    spec.model, spec.training = TINY_MODEL, SETTINGS.model_copy(update=updates)
+    members = {}
+    for campaign_id, spent, parent in (("early", 0, None), ("last", 20, "early")):
+        start = [Frame.from_atoms(water_molecule())]
+        new = NewCampaign(campaign_id=campaign_id, spec=spec, starting_structures=start)
+        assert registry.create_campaign(mongo_database, new)
+        stored_results(mongo_database, campaign_id, labelled_frames(10), "first")
+        mongo_database[registry.CAMPAIGNS].update_one(
+            {"_id": campaign_id}, {"$set": {"budget.spent": spent}}
+        )
+        claimed = registry.get_campaign(mongo_database, campaign_id)
+        assert registry.claim_training_round(mongo_database, claimed, 1, "owner") == 0
+        members[campaign_id], _, _ = campaign._train_and_register(
+            mongo_database, claimed, 0, 0, members.get(parent)
+        )
+
+    assert not registry.training_snapshot(mongo_database, "early", 0).final
+    assert registry.training_snapshot(mongo_database, "last", 0).final
+    assert members["early"].epochs == 1
+    assert members["last"].epochs == 3 and members["last"].parent_model is None

@@ -107,6 +107,20 @@ def test_member_keeps_its_best_validation_model(frames, trained):
     assert trained.seed == 7 and trained.device == "cpu" and not trained.warm_started
 
 
+def test_the_moving_average_of_the_weights_is_what_is_validated_and_kept(frames, trained):
+    settings = TINY_TRAINING.model_copy(update={"ema_decay": None})
+    raw = train_member(frames, TINY_MODEL, settings, seed=7)
+
+    assert TrainingSettings().ema_decay == 0.99
+    assert raw.history[0]["validation_loss"] == pytest.approx(trained.history[0]["validation_loss"])
+    assert raw.history[1]["validation_loss"] != pytest.approx(trained.history[1]["validation_loss"])
+    averaged = dict(trained.model.named_parameters())
+    assert any(
+        not torch.allclose(parameter, averaged[name])
+        for name, parameter in raw.model.named_parameters()
+    )
+
+
 def test_training_leaves_dtype_and_logging_as_they_were(frames):
     handlers = list(logging.getLogger().handlers)
     settings = TINY_TRAINING.model_copy(update={"max_epochs": 1})
