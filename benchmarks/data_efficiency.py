@@ -68,6 +68,9 @@ def set_by_the_benchmark(seed: int, committee_size: int, budget: int) -> dict[st
         "selection.seed": seed,
         "training.committee_size": committee_size,
         "system.water_clusters.seed": seed,
+        # the campaign's own last committee is never scored (every strategy's is trained
+        # afresh), so it need not train longer
+        "training.final_max_epochs": None,
     }
 
 
