@@ -47,6 +47,7 @@ from fff_jobs.schemas import (
     StoredResult,
     TrainingSnapshot,
     Trajectory,
+    trajectory_id_for,
 )
 from fff_jobs.spec import CampaignSpec
 from fff_jobs.steering import JobPlan, SegmentJob, trajectory_starts
@@ -115,7 +116,7 @@ def _start_trajectories(database, campaign: Campaign) -> list[JobPlan]:
     plan = trajectory_starts(sizes, spec.trajectories, spec.md.temperatures)
     trajectories = [
         Trajectory(
-            id=f"{campaign.id}-t{index:03d}",
+            id=trajectory_id_for(campaign.id, index),
             campaign_id=campaign.id,
             index=index,
             temperature=temperature,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from fff_jobs import database as db
 from fff_jobs import steering
 from fff_jobs.repair import Damage
-from fff_jobs.schemas import Campaign
+from fff_jobs.schemas import Campaign, trajectory_name
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def _trajectories_without_jobs(
     return [
         (f"trajectory {t.id} is sampling with no job to move it", [next_job(t)])
         for t in sampling
-        if t.id.rsplit("-", 1)[1] not in moving
+        if trajectory_name(t.id) not in moving
     ]
 
 

@@ -23,7 +23,7 @@ from jobflow import Flow, Job, Maker, Response, job
 from fff_jobs import campaign, steering
 from fff_jobs.config import project_database
 from fff_jobs.routing import route
-from fff_jobs.schemas import Campaign, NewCampaign
+from fff_jobs.schemas import Campaign, NewCampaign, trajectory_name
 from fff_jobs.spec import CampaignSpec, WorkerSettings
 from fff_jobs.workers import grow
 
@@ -68,11 +68,6 @@ class StageMaker(Maker):
     def _named(self, work: Job, campaign_id: str, *parts: object) -> Job:
         work.name = " ".join([campaign_id, self.name, *map(str, parts)])
         return route(work, self.category, self.priority or 0)
-
-
-def _short(trajectory_id: str) -> str:
-    """A trajectory's name within its campaign (``t000``)."""
-    return trajectory_id.rsplit("-", 1)[1]
 
 
 @dataclass
@@ -122,7 +117,7 @@ class SegmentMaker(StageMaker):
     def make(self, campaign_id: str, trajectory_id: str, segment: int) -> Job:
         """A GPU job; its audit follows as a detour."""
         work = self.run(campaign_id, trajectory_id, segment)
-        return self._named(work, campaign_id, _short(trajectory_id), f"s{segment}")
+        return self._named(work, campaign_id, trajectory_name(trajectory_id), f"s{segment}")
 
     @job
     def run(self, campaign_id: str, trajectory_id: str, segment: int) -> Response:
@@ -139,7 +134,7 @@ class AuditMaker(StageMaker):
     def make(self, campaign_id: str, trajectory_id: str, segment: int) -> Job:
         """A CPU job, above ordinary calculations in priority."""
         work = self.run(campaign_id, trajectory_id, segment)
-        return self._named(work, campaign_id, _short(trajectory_id), f"s{segment}")
+        return self._named(work, campaign_id, trajectory_name(trajectory_id), f"s{segment}")
 
     @job
     def run(self, campaign_id: str, trajectory_id: str, segment: int) -> Response:

@@ -243,6 +243,16 @@ class LastSegment(SegmentRecord):
     prediction: Prediction | None = None  # the committee's, for the calibration record
 
 
+def trajectory_id_for(campaign_id: str, index: int) -> str:
+    """A trajectory's id: its campaign's, then its name within the campaign (``t000``)."""
+    return f"{campaign_id}-t{index:03d}"
+
+
+def trajectory_name(trajectory_id: str) -> str:
+    """A trajectory's name within its campaign (``t000``), from its id."""
+    return trajectory_id.rsplit("-", 1)[1]
+
+
 class Trajectory(Stored):
     """``trajectories``: where a trajectory is, how long its next segment runs, its history."""
 
