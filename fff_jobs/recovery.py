@@ -61,16 +61,18 @@ def _workflow_name_for(database):
 def _repair_campaign(database, campaign: Campaign, damage: Damage) -> Repair:
     """Repair fff's records of one campaign; then name what still breaks an invariant."""
     report = _repair_claims(database, campaign)
+    failed = {
+        job["fw_id"]: job["name"] for job in db.campaign_jobs(database, campaign.id, ("FIZZLED",))
+    }
     check = check_campaign(database, campaign.id, damage)
     if check.needed:
-        report += _revive(database, campaign, check.needed)
+        report += _revive(campaign, check.needed, set(failed.values()))
         check = check_campaign(database, campaign.id, damage)
     report.unrepaired += [f"{campaign.id}: {line}" for line in check.violations]
-    failed = sorted(job["fw_id"] for job in db.campaign_jobs(database, campaign.id, ("FIZZLED",)))
     if failed:
         report.unrepaired.append(
             f"{campaign.id}: {len(failed)} failed job(s): see `lpad get_fws -s FIZZLED -d more`, "
-            f"fix the cause, then `lpad rerun_fws -i {','.join(map(str, failed))}`"
+            f"fix the cause, then `lpad rerun_fws -i {','.join(map(str, sorted(failed)))}`"
         )
     return report
 
@@ -91,8 +93,9 @@ def _repair_claims(database, campaign: Campaign) -> Repair:
     return report
 
 
-def _revive(database, campaign: Campaign, needed: list[NeededJob]) -> Repair:
-    """Add the jobs a campaign needs and has none of (in a new workflow), unless one failed.
+def _revive(campaign: Campaign, needed: list[NeededJob], failed: set[str]) -> Repair:
+    """Add the jobs a campaign needs and has none of (in a new workflow), unless one of that
+    name failed (``failed``: the names of its FIZZLED jobs).
 
     Each is made by its stage's Maker with the campaign's worker settings, so it is the
     campaign's own job: same name, category and priority as the one that was lost.
@@ -105,7 +108,6 @@ def _revive(database, campaign: Campaign, needed: list[NeededJob]) -> Repair:
         MAKERS[job.stage].for_workers(campaign.spec.workers).make(campaign.id, *job.arguments)
         for job in needed
     ]
-    failed = {job["name"] for job in db.campaign_jobs(database, campaign.id, ("FIZZLED",))}
     revived = [job for job in jobs if job.name not in failed]
     if not revived:
         return Repair()
