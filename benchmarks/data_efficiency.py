@@ -71,6 +71,7 @@ def set_by_the_benchmark(seed: int, committee_size: int, budget: int) -> dict[st
         # the campaign's own last committee is never scored (every strategy's is trained
         # afresh), so it need not train longer
         "training.final_max_epochs": None,
+        "training.final_loss": None,
     }
 
 

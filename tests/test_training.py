@@ -121,6 +121,27 @@ def test_the_moving_average_of_the_weights_is_what_is_validated_and_kept(frames,
     )
 
 
+def test_the_squared_error_loss_trains_and_weighs_large_errors_more(frames, trained):
+    mse = train_member(frames, TINY_MODEL, TINY_TRAINING.model_copy(update={"loss": "mse"}), seed=7)
+
+    # same start, same frames: Huber (delta 0.01) is below half the squared error
+    assert mse.history[0]["validation_force_mae"] == pytest.approx(
+        trained.history[0]["validation_force_mae"]
+    )
+    assert mse.history[0]["validation_loss"] > 2 * trained.history[0]["validation_loss"]
+    assert mse.best_epoch > 0
+    assert mse.metrics["validation_force_mae"] < mse.history[0]["validation_force_mae"]
+
+
+def test_the_delivered_generation_trains_from_scratch_with_its_own_loss():
+    settings = TrainingSettings(max_epochs=40, final_max_epochs=100, final_loss="mse")
+    steering, delivered = settings.for_generation(False), settings.for_generation(True)
+
+    assert (steering.loss, steering.max_epochs, steering.warm_start) == ("huber", 40, True)
+    assert (delivered.loss, delivered.max_epochs, delivered.warm_start) == ("mse", 100, False)
+    assert TrainingSettings(final_max_epochs=100).for_generation(True).loss == "huber"
+
+
 def test_training_leaves_dtype_and_logging_as_they_were(frames):
     handlers = list(logging.getLogger().handlers)
     settings = TINY_TRAINING.model_copy(update={"max_epochs": 1})
