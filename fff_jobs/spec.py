@@ -149,9 +149,10 @@ class TrainingSettings(Section):
     )
     final_loss: Literal["huber", "mse"] | None = Field(
         None,
-        description="the loss of that last generation; null: `loss`. Huber is nearly an "
-        "absolute error past its delta, which steadies short runs from a poor start; the "
-        "squared error weighs the largest errors more, which pays in a long run on clean labels",
+        description="the loss of the generation trained once the budget is spent; null: "
+        "`loss`. Huber is nearly an absolute error past its delta, which steadies short runs "
+        "from a poor start; the squared error weighs the largest errors more, which pays in "
+        "a long run on clean labels",
     )
     patience: int = Field(30, ge=1, description="epochs without a better validation loss")
     scheduler_patience: int = Field(10, ge=1, description="epochs before the rate is reduced")
