@@ -187,10 +187,12 @@ class TrainingSettings(Section):
         README's hold-out set, 80 epochs from scratch reached a force MAE of 0.038 eV/A,
         40 more epochs from the last warm-started member 0.050 (water_xtb, 120 frames).
         """
+        if not final:
+            return self
         update: dict[str, object] = {}
-        if final and self.final_max_epochs is not None:
+        if self.final_max_epochs is not None:
             update = {"max_epochs": self.final_max_epochs, "warm_start": False}
-        if final and self.final_loss is not None:
+        if self.final_loss is not None:
             update["loss"] = self.final_loss
         return self.model_copy(update=update)
 
