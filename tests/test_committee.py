@@ -82,6 +82,23 @@ def test_rebuilt_member_predicts_the_same(committee):
     assert np.array_equal(predict_committee([rebuilt], frames).energies, original)
 
 
+def test_members_of_one_architecture_load_as_independent_models(committee):
+    """Loading copies one built model per architecture: each copy holds its own weights."""
+    frames = labelled_frames(4, seed=8)
+    originals = [member.model for member in committee]
+    loaded = [
+        load_member(member.hyperparameters, member.model.state_dict()) for member in committee
+    ]
+    assert len({id(model) for model in loaded}) == 3
+    expected = predict_committee(originals, frames, compute_forces=True)
+    actual = predict_committee(loaded, frames, compute_forces=True)
+    assert np.array_equal(actual.energies, expected.energies)
+    assert len(set(actual.energies[:, 0])) == 3
+    with torch.no_grad():
+        next(loaded[0].parameters()).add_(1.0)
+    assert np.array_equal(predict_committee(loaded[1:], frames).energies, expected.energies[1:])
+
+
 def test_unknown_element_names_the_structure(committee):
     frames = labelled_frames(3, seed=9)
     frames[2].symbols[0] = "N"
