@@ -134,11 +134,12 @@ def test_the_squared_error_loss_trains_and_weighs_large_errors_more(frames, trai
 
 
 def test_the_delivered_generation_trains_from_scratch_with_its_own_loss():
-    settings = TrainingSettings(max_epochs=40, final_max_epochs=100, final_loss="mse")
+    settings = TrainingSettings(max_epochs=40, patience=20, final_max_epochs=100, final_loss="mse")
     steering, delivered = settings.for_generation(False), settings.for_generation(True)
 
     assert (steering.loss, steering.max_epochs, steering.warm_start) == ("huber", 40, True)
     assert (delivered.loss, delivered.max_epochs, delivered.warm_start) == ("mse", 100, False)
+    assert (steering.patience, delivered.patience) == (20, 100)  # the delivered never stops early
     assert TrainingSettings(final_max_epochs=100).for_generation(True).loss == "huber"
 
 
