@@ -155,7 +155,9 @@ class UncertaintyGuard:
 
     ``estimate`` maps the atoms to the uncertainty (the committee's largest per-atom
     force deviation, eV/A, or its energy spread, eV/atom); it runs every
-    `uncertainty_interval` steps, since it costs a whole committee evaluation.
+    `uncertainty_interval` steps, since it costs a whole committee evaluation. It skips
+    the starting frame: that is the frame the last audit computed, or the trajectory's
+    start, so stopping there would move nothing while the audit paid for that frame again.
     """
 
     def __init__(
@@ -166,7 +168,7 @@ class UncertaintyGuard:
 
     def __call__(self) -> None:
         """Estimate the current frame's uncertainty; stop the segment above the threshold."""
-        if self.log.flag is not None:
+        if self.log.flag is not None or self.log.dynamics.nsteps == 0:
             return
         self.last = float(self.estimate(self.atoms))
         if self.last > self.threshold:

@@ -180,13 +180,24 @@ def test_uncertainty_guard_stops_the_segment_at_the_first_uncertain_frame():
     segment = run_segment(cluster, LennardJones(**ARGON_LJ), settings, 400, seed=2,
                           uncertainty=uncertainty)  # fmt: skip
     assert segment.flag == "uncertain" and segment.steps < 400
-    assert segment.steps % 5 == 0 and len(asked) == segment.steps // 5 + 1  # step 0 too
+    assert segment.steps % 5 == 0 and len(asked) == segment.steps // 5  # not the start
     assert segment.uncertainty > 0.05
     moved = np.abs(segment.final_frame.positions - cluster.positions).max()
     assert moved == pytest.approx(segment.uncertainty)
     calm = settings.model_copy(update={"uncertainty_threshold": None})
     unbounded = run_segment(cluster, LennardJones(**ARGON_LJ), calm, 40, uncertainty=uncertainty)
     assert unbounded.flag is None and unbounded.uncertainty is None
+
+
+def test_an_uncertain_start_still_moves_to_the_first_check():
+    """A start the committee already doubts (the audited frame, or the trajectory's start)
+    is not the frame to stop at: the segment runs to its first check and stops there."""
+    settings = MDSettings(timestep=1.0, uncertainty_threshold=0.1, uncertainty_interval=4)
+    segment = run_segment(Icosahedron("Ar", 2), LennardJones(**ARGON_LJ), settings, 20, 20,
+                          uncertainty=lambda atoms: 1.0)  # fmt: skip
+    assert segment.flag == "uncertain" and segment.steps == 4
+    assert segment.detail.startswith("step 4:")
+    assert len(segment.frames) == 4 and segment.uncertainty == 1.0  # steps 1-4 are pooled
 
 
 @pytest.mark.parametrize("temperature", [100.0, 600.0])
