@@ -297,6 +297,7 @@ def _train_and_register(
         validation_set_size=len(split[1]),
         parent_model=parent.id if start else None,
         metrics=trained.metrics,
+        loss=settings.loss,
         epochs=trained.epochs,
         best_epoch=trained.best_epoch,
         wall_time=trained.wall_time,

@@ -352,6 +352,7 @@ class ModelRecord(Stored):
     validation_set_size: int | None = None
     parent_model: str | None = None
     metrics: dict[str, float] = {}
+    loss: str | None = None  # the loss it trained with (the delivered generation's may differ)
     epochs: int | None = None
     best_epoch: int | None = None
     wall_time: float | None = None

@@ -98,6 +98,7 @@ def test_each_generation_trains_on_one_snapshot_and_reports_out_of_sample_errors
     for model in stored["models"]:
         assert model["training_set_size"] == len(snapshots[model["generation"]])
         assert not model["diverged"] and model["attempts"] >= 1
+        assert model["loss"] == ("mse" if model["generation"] in final else "huber")
     for generation in campaign_document(project, campaign_id)["generations"]:
         assert 0 < generation["validation_frames"] <= generation["training_set_size"]
         assert 0 < generation["validation_force_mae"] <= generation["validation_force_rmse"]

@@ -11,7 +11,7 @@ from ase import Atoms
 from ase.calculators.morse import MorsePotential
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from fff_jobs.spec import ModelSettings, TrainingSettings
+from fff_jobs.spec import CampaignSpec, ModelSettings, TrainingSettings
 from fff_jobs.structures import LabelledFrame
 from fff_jobs.training import (
     TrainingDataError,
@@ -24,6 +24,8 @@ from fff_jobs.training import (
     train_member,
     training_set_hash,
 )
+
+from project import REPO
 
 TINY_MODEL = ModelSettings(
     num_channels=8,
@@ -141,6 +143,13 @@ def test_the_delivered_generation_trains_from_scratch_with_its_own_loss():
     assert (delivered.loss, delivered.max_epochs, delivered.warm_start) == ("mse", 100, False)
     assert (steering.patience, delivered.patience) == (20, 100)  # the delivered never stops early
     assert TrainingSettings(final_max_epochs=100).for_generation(True).loss == "huber"
+
+
+@pytest.mark.parametrize("workflow", ["water_xtb.yaml", "water_xtb_gpu.yaml"])
+def test_the_shipped_xtb_workflows_deliver_a_committee_trained_on_the_squared_error(workflow):
+    training = CampaignSpec.from_yaml(REPO / "workflows" / workflow).training
+    assert training.for_generation(False).loss == "huber"
+    assert training.for_generation(True).loss == "mse"
 
 
 def test_training_leaves_dtype_and_logging_as_they_were(frames):
