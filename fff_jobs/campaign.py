@@ -446,7 +446,7 @@ def _run_segment(database, campaign: Campaign, trajectory: Trajectory, segment: 
         num_steps=trajectory.run_length,
         seed=_segment_seed(trajectory.id, segment),
         temperature=trajectory.temperature,
-        uncertainty=committee_uncertainty(models, spec.uncertainty),
+        uncertainty=committee_uncertainty(models, spec.uncertainty, driven_by_first=True),
     )
     prediction = None
     if result.final_energy is not None:

@@ -184,14 +184,36 @@ def predict_committee(
 
 
 def committee_uncertainty(
-    models: Sequence[torch.nn.Module], kind: calibration.Uncertainty, device: str = "auto"
+    models: Sequence[torch.nn.Module],
+    kind: calibration.Uncertainty,
+    device: str = "auto",
+    driven_by_first: bool = False,
 ) -> Callable[[Atoms], float]:
-    """The committee's uncertainty of one structure, as a function of its atoms (for MD)."""
+    """The committee's uncertainty of one structure, as a function of its atoms (for MD).
+
+    With ``driven_by_first``, the atoms' calculator runs ``models[0]`` and has computed
+    this structure's energy and forces (as in MD, whose observers run right after the
+    step): those stand for member 0, and only the other members are evaluated.
+    """
+    compute_forces = kind == "force"
 
     def estimate(atoms: Atoms) -> float:
-        prediction = predict_committee(
-            models, [atoms], compute_forces=kind == "force", batch_size=1, device=device
+        if not driven_by_first or len(models) < 2:
+            prediction = predict_committee(
+                models, [atoms], compute_forces=compute_forces, batch_size=1, device=device
+            )
+            return float(prediction.uncertainty(kind)[0])
+        others = predict_committee(
+            models[1:], [atoms], compute_forces=compute_forces, batch_size=1, device=device
         )
+        energy = atoms.calc.get_property("energy", atoms)  # cached unless the atoms moved
+        energies = np.vstack([[[energy]], others.energies])
+        forces = []
+        if compute_forces:
+            forces = [
+                np.concatenate([[atoms.calc.get_property("forces", atoms)], others.forces[0]])
+            ]
+        prediction = _prediction([atoms], len(models), [(energies, forces, None)])
         return float(prediction.uncertainty(kind)[0])
 
     return estimate

@@ -14,7 +14,12 @@ import torch
 from mace.calculators import MACECalculator
 from test_training import TINY_MODEL, TINY_TRAINING, labelled_frames
 
-from fff_jobs.committee import export_model, load_member, predict_committee
+from fff_jobs.committee import (
+    committee_uncertainty,
+    export_model,
+    load_member,
+    predict_committee,
+)
 from fff_jobs.training import TrainedMember, UnknownElementError, build_model, train_member
 
 
@@ -60,6 +65,21 @@ def test_batched_inference_equals_mace_calculator(committee, model_files):
         assert prediction.energy_per_atom_std[index] == pytest.approx(
             np.sqrt(results["energy_var"]) / len(atoms), abs=1e-10
         )
+
+
+@pytest.mark.parametrize("kind", ["force", "energy"])
+def test_md_reuses_the_driving_members_results_for_the_same_uncertainty(committee, kind):
+    """In MD the calculator has already run member 0 on the frame: only the others are
+    evaluated, and the uncertainty is the whole committee's."""
+    models = [member.model for member in committee]
+    atoms = labelled_frames(1, seed=3)[0]
+    atoms.calc = MACECalculator(models=[models[0]], device="cpu", default_dtype="float64")
+    atoms.get_forces()
+    whole = committee_uncertainty(models, kind, device="cpu")(atoms)
+    reused = committee_uncertainty(models, kind, device="cpu", driven_by_first=True)
+    assert reused(atoms) == pytest.approx(whole, rel=1e-9) and whole > 0
+    atoms.positions[0] += 0.05  # moved since the calculator ran: its results are recomputed
+    assert reused(atoms) == pytest.approx(committee_uncertainty(models, kind)(atoms), rel=1e-9)
 
 
 def test_descriptors_are_the_first_member_mean_invariants(committee, model_files):
