@@ -196,27 +196,34 @@ def committee_uncertainty(
     step): those stand for member 0, and only the other members are evaluated.
     """
     compute_forces = kind == "force"
+    reuse = driven_by_first and len(models) > 1
 
     def estimate(atoms: Atoms) -> float:
-        if not driven_by_first or len(models) < 2:
-            prediction = predict_committee(
-                models, [atoms], compute_forces=compute_forces, batch_size=1, device=device
-            )
-            return float(prediction.uncertainty(kind)[0])
-        others = predict_committee(
-            models[1:], [atoms], compute_forces=compute_forces, batch_size=1, device=device
+        prediction = predict_committee(
+            models[1:] if reuse else models,
+            [atoms],
+            compute_forces=compute_forces,
+            batch_size=1,
+            device=device,
         )
-        energy = atoms.calc.get_property("energy", atoms)  # cached unless the atoms moved
-        energies = np.vstack([[[energy]], others.energies])
-        forces = []
-        if compute_forces:
-            forces = [
-                np.concatenate([[atoms.calc.get_property("forces", atoms)], others.forces[0]])
-            ]
-        prediction = _prediction([atoms], len(models), [(energies, forces, None)])
+        if reuse:
+            prediction = _with_driving_member(prediction, atoms, compute_forces)
         return float(prediction.uncertainty(kind)[0])
 
     return estimate
+
+
+def _with_driving_member(
+    others: CommitteePrediction, atoms: Atoms, compute_forces: bool
+) -> CommitteePrediction:
+    """The other members' prediction of one structure, with member 0 read from the atoms'
+    calculator (its cached results, recomputed only if the atoms moved) put first."""
+    energy = atoms.calc.get_property("energy", atoms)
+    energies = np.vstack([[[energy]], others.energies])
+    forces = []
+    if compute_forces:
+        forces = [np.concatenate([[atoms.calc.get_property("forces", atoms)], others.forces[0]])]
+    return _prediction([atoms], len(energies), [(energies, forces, None)])
 
 
 def _prediction(frames: Sequence[Atoms], size: int, results: list[tuple]) -> CommitteePrediction:
