@@ -72,6 +72,7 @@ def set_by_the_benchmark(seed: int, committee_size: int, budget: int) -> dict[st
         # afresh), so it need not train longer
         "training.final_max_epochs": None,
         "training.final_loss": None,
+        "training.final_holdout": True,
     }
 
 

@@ -228,55 +228,67 @@ def train(database, campaign_id: str, generation: int, member: int) -> Stage:
     key = db.model_id(campaign_id, generation, member)
     parent = db.model_id(campaign_id, generation - 1, member)
     known = db.find_members(database, [key, parent])
-    document, published, frames = known.get(key), [], None
+    document, published, training_set = known.get(key), [], None
     if document is None:
-        document, published, frames = _train_and_register(
+        document, published, training_set = _train_and_register(
             database, campaign, generation, member, known.get(parent)
         )
     elif db.current_generation(database, campaign_id) == generation:
         published = db.committee_documents(database, campaign_id, generation)
     stage = Stage(campaign, {"model_id": document.id, "metrics": document.metrics})
-    stage.fresh = frames is not None
+    stage.fresh = training_set is not None
     if published:
         following = db.claim_generation_follow_up(database, campaign_id, published, this_job())
         if following is not None:
             stage.campaign = following
-            stage.plans = _follow_up(database, following, published, frames)
+            stage.plans = _follow_up(database, following, published, training_set)
     return stage
 
 
-def _training_frames(database, snapshot: TrainingSnapshot) -> tuple[list[Atoms], list[str]]:
-    """A generation's training snapshot as labelled Atoms, and each frame's result id."""
+@dataclass
+class TrainingSet:
+    """A generation's training snapshot as labelled Atoms, each frame's result id, and
+    whether the generation is trained once the budget is spent (``final``)."""
+
+    frames: list[Atoms]
+    result_ids: list[str]
+    final: bool
+
+    def member_split(self, spec: CampaignSpec, member: int) -> tuple[list[int], list[int]]:
+        """A member's training and validation indices: fixed per result for the whole
+        campaign; every frame trains a final generation that holds none out."""
+        from fff_jobs.training import fixed_split, split_key
+
+        training = spec.training
+        if not training.holds_out(self.final):
+            return list(range(len(self.frames))), []
+        key = split_key(training.seed, member)
+        return fixed_split(self.result_ids, key, training.split, training.validation_fraction)
+
+
+def _training_set(database, snapshot: TrainingSnapshot) -> TrainingSet:
     results = db.training_results(database, snapshot)
-    return [result.to_atoms() for result in results], [result.id for result in results]
-
-
-def member_split(spec: CampaignSpec, member: int, result_ids: list[str]):
-    """A member's training and validation indices: fixed per result for the whole campaign."""
-    from fff_jobs.training import fixed_split, split_key
-
-    training = spec.training
-    key = split_key(training.seed, member)
-    return fixed_split(result_ids, key, training.split, training.validation_fraction)
+    atoms = [result.to_atoms() for result in results]
+    return TrainingSet(atoms, [result.id for result in results], snapshot.final)
 
 
 def _train_and_register(
     database, campaign: Campaign, generation: int, member: int, parent: ModelRecord | None
 ):
     """Train a member (again with a new seed while it diverges, up to max_attempts), register
-    it; (its document, the committee if it completed the generation, the frames)."""
+    it; (its document, the committee if it completed the generation, its training set)."""
     from fff_jobs.committee import load_weights, weights_to_bytes
     from fff_jobs.training import member_seed, package_versions, training_set_hash
     from fff_jobs.training import train_member as train_one
 
     spec = campaign.spec
-    snapshot = db.training_snapshot(database, campaign.id, generation)
-    frames, result_ids = _training_frames(database, snapshot)
-    settings = spec.training.for_generation(snapshot.final)
+    training_set = _training_set(database, db.training_snapshot(database, campaign.id, generation))
+    frames = training_set.frames
+    settings = spec.training.for_generation(training_set.final)
     start = None
     if settings.warm_start and parent is not None:
         start = (parent.hyperparameters, load_weights(database, parent))
-    split = member_split(spec, member, result_ids)
+    split = training_set.member_split(spec, member)
     for attempt in range(settings.max_attempts):
         seed = member_seed(settings.seed, generation, member, attempt)
         trained = train_one(frames, spec.model, settings, seed, start, split)
@@ -307,33 +319,35 @@ def _train_and_register(
     )
     document, _ = db.register_member(database, record, weights_to_bytes(trained.model.state_dict()))
     published = db.publish_generation(database, campaign.id, generation)
-    return document, published, (frames, result_ids)
+    return document, published, training_set
 
 
 def _divergence(history: list[dict]) -> str | None:
-    """Why a member's training diverged (no finite validation loss in any epoch), or None.
+    """Why a member's training diverged (no finite loss to judge an epoch by), or None.
 
     A member that still diverges after its last attempt is registered all the same,
     with the weights it started from (its parent's, or fresh ones) and this reason, so
     that its round completes and the campaign goes on; it takes no part in sampling,
     selection or the generation's errors, and `fff status` shows it as a problem.
     """
-    if any(math.isfinite(entry["validation_loss"]) for entry in history):
+    from fff_jobs.training import epoch_loss
+
+    if any(math.isfinite(epoch_loss(entry)) for entry in history):
         return None
-    return f"training diverged: validation loss {history[-1]['validation_loss']} in every epoch"
+    return f"training diverged: loss {epoch_loss(history[-1])} in every epoch"
 
 
 def _follow_up(
     database,
     campaign: Campaign,
     members: Sequence[ModelRecord],
-    frames: tuple[list[Atoms], list[str]] | None,
+    training_set: TrainingSet | None,
 ) -> list[JobPlan]:
     """What the end of a training round adds: it records the generation's errors, then first
-    segments, the next round, or the end. ``frames``: the generation's training frames, if
-    this run trained a member (else a re-run, which reads them and revives as before)."""
+    segments, the next round, or the end. ``training_set``: the generation's, if this run
+    trained a member (else a re-run, which reads it and revives as before)."""
     generation = members[0].generation
-    errors = _generation_errors(database, campaign, generation, members, frames)
+    errors = _generation_errors(database, campaign, generation, members, training_set)
     record = GenerationRecord(
         generation=generation,
         training_set_size=members[0].training_set_size or 0,
@@ -345,7 +359,7 @@ def _follow_up(
     db.record_generation(database, campaign.id, record)
     campaign.generations.append(record)
     counts = db.CampaignCounts(database, campaign.id)
-    decision = steering.after_generation(campaign, record, counts, repeated=frames is None)
+    decision = steering.after_generation(campaign, record, counts, repeated=training_set is None)
     return apply(database, campaign, decision, counts)
 
 
@@ -354,21 +368,22 @@ def _generation_errors(
     campaign: Campaign,
     generation: int,
     members: Sequence[ModelRecord],
-    frames: tuple[list[Atoms], list[str]] | None,
+    training_set: TrainingSet | None,
 ) -> dict[str, float]:
     """The committee's out-of-sample errors: each frame predicted by the members that never
-    trained on it (their mean), over the generation's training snapshot."""
+    trained on it (their mean), over the generation's training snapshot (NaN, over 0
+    frames, for a final generation that held none out)."""
     import mace  # noqa: F401  (mace before e3nn)
 
     from fff_jobs.committee import load_committee, out_of_sample_errors
 
     spec = campaign.spec
     documents, models = load_committee(database, campaign.id, generation, documents=members)
-    atoms, result_ids = frames or _training_frames(
+    training_set = training_set or _training_set(
         database, db.training_snapshot(database, campaign.id, generation)
     )
-    held_out = [set(member_split(spec, d.member, result_ids)[1]) for d in documents]
-    return out_of_sample_errors(models, atoms, held_out, spec.inference_batch_size)
+    held_out = [set(training_set.member_split(spec, d.member)[1]) for d in documents]
+    return out_of_sample_errors(models, training_set.frames, held_out, spec.inference_batch_size)
 
 
 # --- sampling ---

@@ -346,7 +346,12 @@ def print_status(campaign_id: str) -> None:
         ("current generation", "none yet" if generation is None else str(generation.generation)),
         ("training running", "yes" if status["training_running"] else "no"),
     ]
-    if generation is not None:
+    if generation is not None and generation.validation_frames == 0:
+        rows += [
+            ("validation errors", "none: every result trained this generation"),
+            ("training set", f"{generation.training_set_size} frames"),
+        ]
+    elif generation is not None:
         rows += [
             ("validation force MAE", f"{generation.validation_force_mae:.4f} eV/Å"),
             (

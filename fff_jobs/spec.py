@@ -155,6 +155,14 @@ class TrainingSettings(Section):
         "from a poor start; the squared error weighs the largest errors more, which pays in "
         "a long run on clean labels",
     )
+    final_holdout: bool = Field(
+        True,
+        description="whether the generation trained once the budget is spent holds out "
+        "validation frames like the others; false: each of its members trains on every "
+        "result and judges its epochs on every tenth of them (needs final_max_epochs). The "
+        "generation then reports no out-of-sample errors: score it on a hold-out set "
+        "(`fff report --holdout`)",
+    )
     patience: int = Field(30, ge=1, description="epochs without a better validation loss")
     scheduler_patience: int = Field(10, ge=1, description="epochs before the rate is reduced")
     learning_rate_factor: float = Field(0.8, gt=0, lt=1)
@@ -179,6 +187,21 @@ class TrainingSettings(Section):
         3, ge=1, description="a member whose training diverges is trained again, with a new seed"
     )
     device: Device = Field("auto", description="auto: cuda if present")
+
+    @model_validator(mode="after")
+    def _final_without_holdout_needs_its_epochs(self) -> TrainingSettings:
+        if not self.final_holdout and self.final_max_epochs is None:
+            raise ValueError(
+                "final_holdout: false needs final_max_epochs: with no validation frame "
+                "nothing stops the delivered generation early; set final_max_epochs "
+                "(e.g. 100), or final_holdout: true"
+            )
+        return self
+
+    def holds_out(self, final: bool) -> bool:
+        """Whether a generation's members hold out validation frames (``final``: the
+        generation trained once the budget is spent)."""
+        return self.final_holdout or not final
 
     def for_generation(self, final: bool) -> TrainingSettings:
         """The settings a generation trains with: a final one from scratch, for longer, with

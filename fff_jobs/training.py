@@ -14,9 +14,11 @@ import copy
 import hashlib
 import importlib.metadata
 import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import mace  # noqa: F401  (mace must be imported before e3nn)
 import numpy as np
@@ -39,6 +41,12 @@ log = logging.getLogger(__name__)
 INTERACTION = "RealAgnosticResidualInteractionBlock"
 FIRST_INTERACTION = "RealAgnosticInteractionBlock"
 PACKAGES = ("fff-jobs", "mace-torch", "torch", "e3nn", "ase", "numpy")
+# A member that holds no frame out judges its epochs (best epoch, learning-rate plateaus)
+# on every tenth of its training frames, the monitor frames: like validation frames they
+# are scored with the weights kept after the epoch (their moving average), which the mean
+# loss of the epoch's steps, taken on weights still changing, is not
+MONITOR_STRIDE = 10
+JudgedBy = Literal["validation", "monitor"]
 
 
 class TrainingDataError(ValueError):
@@ -379,16 +387,24 @@ def _validate(
     loader: torch.utils.data.DataLoader,
     settings: TrainingSettings,
     epoch: int,
+    judged_by: JudgedBy,
 ) -> dict[str, float]:
-    """The validation loss and errors of the model's current weights."""
+    """The loss and errors of the model's current weights on the frames epochs are judged
+    by, named after them (``validation_loss``, ``monitor_loss``, ...)."""
     device = next(model.parameters()).device
     loss, metrics = evaluate(model, loss_fn, loader, _outputs(settings), device)
     return {
         "epoch": epoch,
-        "validation_loss": float(loss),
-        "validation_energy_mae_per_atom": float(metrics["mae_e_per_atom"]),
-        "validation_force_mae": float(metrics["mae_f"]),
+        f"{judged_by}_loss": float(loss),
+        f"{judged_by}_energy_mae_per_atom": float(metrics["mae_e_per_atom"]),
+        f"{judged_by}_force_mae": float(metrics["mae_f"]),
     }
+
+
+def epoch_loss(entry: Mapping[str, float]) -> float:
+    """The loss an epoch of a member's history is judged by: on its validation frames, or
+    on its monitor frames where it holds none out."""
+    return entry.get("validation_loss", entry.get("monitor_loss", math.nan))
 
 
 def _fit(
@@ -396,8 +412,10 @@ def _fit(
     loss_fn: torch.nn.Module,
     loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
     settings: TrainingSettings,
+    judged_by: JudgedBy,
 ) -> tuple[list[dict[str, float]], int]:
-    """Train until the validation loss stops improving; leave the best model in ``model``.
+    """Train until the loss on the frames epochs are judged by (the second loader) stops
+    improving; leave the best model in ``model``.
 
     mace's ``mace.tools.train.train`` would run this loop, but in mace-torch 0.3.16 its
     early stopping never ends a run outside distributed mode (ACEsuit/mace#1384) and it
@@ -419,13 +437,13 @@ def _fit(
         if epoch:
             _train_epoch(model, loss_fn, loaders[0], optimizer, settings, epoch, ema)
         with ema.average_parameters() if ema is not None else contextlib.nullcontext():
-            entry = _validate(model, loss_fn, loaders[1], settings, epoch)
-            if entry["validation_loss"] < best_loss:
-                best_loss, best_epoch = entry["validation_loss"], epoch
+            entry = _validate(model, loss_fn, loaders[1], settings, epoch, judged_by)
+            if epoch_loss(entry) < best_loss:
+                best_loss, best_epoch = epoch_loss(entry), epoch
                 best_state = copy.deepcopy(model.state_dict())
         history.append(entry | {"seconds": time.perf_counter() - start})
         if epoch:
-            scheduler.step(entry["validation_loss"])
+            scheduler.step(epoch_loss(entry))
         if epoch - best_epoch >= settings.patience:
             break
     model.load_state_dict(best_state)
@@ -439,17 +457,19 @@ def _loaders(
     hyperparameters: dict,
     settings: TrainingSettings,
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """mace data loaders of the training (shuffled) and validation frames."""
+    """mace data loaders of the training frames (shuffled) and of the frames epochs are
+    judged by: the validation frames, or, where none is held out, the monitor frames."""
     graphs = to_atomic_data(
         frames, hyperparameters["atomic_numbers"], hyperparameters["r_max"], labels
     )
     training, validation = split
+    judged = validation or sorted(set(training))[::MONITOR_STRIDE]
     return (
         torch_geometric.dataloader.DataLoader(
             [graphs[i] for i in training], batch_size=settings.batch_size, shuffle=True
         ),
         torch_geometric.dataloader.DataLoader(
-            [graphs[i] for i in validation], batch_size=settings.validation_batch_size
+            [graphs[i] for i in judged], batch_size=settings.validation_batch_size
         ),
     )
 
@@ -460,10 +480,13 @@ def _final_metrics(
     loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
     settings: TrainingSettings,
     device: torch.device,
+    judged_by: JudgedBy,
 ) -> dict[str, float]:
-    """Energy MAE per atom (eV/atom) and force MAE (eV/A) of the best model on both sets."""
+    """Energy MAE per atom (eV/atom) and force MAE (eV/A) of the best model on the
+    training frames and on the validation frames (monitor frames are training frames)."""
     metrics = {}
-    for name, loader in zip(("train", "validation"), loaders, strict=True):
+    names = ("train", "validation") if judged_by == "validation" else ("train",)
+    for name, loader in zip(names, loaders, strict=False):
         _, values = evaluate(model, loss_fn, loader, _outputs(settings), device)
         metrics[f"{name}_energy_mae_per_atom"] = float(values["mae_e_per_atom"])
         metrics[f"{name}_force_mae"] = float(values["mae_f"])
@@ -506,7 +529,8 @@ def train_member(
     ``parent`` (hyperparameters, state dict) warm-starts it from a member of the
     previous generation, whose architecture and E0s it then keeps. ``split`` gives the
     training and validation indices (default: :func:`fixed_split` of the frames'
-    positions, keyed by ``seed``).
+    positions, keyed by ``seed``); with no validation index, epochs are judged on the
+    monitor frames (``MONITOR_STRIDE``).
     """
     start = time.perf_counter()
     labels = check_training_frames(frames)
@@ -528,8 +552,9 @@ def train_member(
         loaders = _loaders(frames, labels, split, hyperparameters, settings)
         model.to(device)
         loss_fn = _loss(settings).to(device)
-        history, best_epoch = _fit(model, loss_fn, loaders, settings)
-        metrics = _final_metrics(model, loss_fn, loaders, settings, device)
+        judged_by = "validation" if split[1] else "monitor"
+        history, best_epoch = _fit(model, loss_fn, loaders, settings, judged_by)
+        metrics = _final_metrics(model, loss_fn, loaders, settings, device, judged_by)
     return TrainedMember(
         model=model.to("cpu").eval(),
         hyperparameters=hyperparameters,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -99,10 +100,18 @@ def test_each_generation_trains_on_one_snapshot_and_reports_out_of_sample_errors
         assert model["training_set_size"] == len(snapshots[model["generation"]])
         assert not model["diverged"] and model["attempts"] >= 1
         assert model["loss"] == ("mse" if model["generation"] in final else "huber")
+        # the delivered generation holds no frame out: it trains on every result
+        assert (model["validation_set_size"] == 0) == (model["generation"] in final)
     for generation in campaign_document(project, campaign_id)["generations"]:
+        assert generation["healthy_members"] == 2
+        if generation["generation"] in final:
+            assert generation["validation_frames"] == 0
+            assert math.isnan(generation["validation_force_mae"])
+            continue
         assert 0 < generation["validation_frames"] <= generation["training_set_size"]
         assert 0 < generation["validation_force_mae"] <= generation["validation_force_rmse"]
-        assert generation["healthy_members"] == 2
+    status = run(project, "fff", "status", campaign_id)
+    assert "none: every result trained this generation" in status.stdout
 
 
 def test_trajectories_run_on_every_size_at_the_ladder_temperatures(finished_campaign):

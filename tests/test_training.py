@@ -145,11 +145,34 @@ def test_the_delivered_generation_trains_from_scratch_with_its_own_loss():
     assert TrainingSettings(final_max_epochs=100).for_generation(True).loss == "huber"
 
 
+def test_a_member_that_holds_out_no_frame_keeps_its_best_epoch_on_monitor_frames(frames):
+    every = list(range(len(frames)))
+    member = train_member(frames, TINY_MODEL, TINY_TRAINING, seed=7, split=(every, []))
+    losses = [entry["monitor_loss"] for entry in member.history]
+
+    assert member.training_indices == every and member.validation_indices == []
+    assert all("validation_loss" not in entry for entry in member.history)
+    assert member.best_epoch == int(np.argmin(losses)) > 0
+    assert member.history[-1]["monitor_force_mae"] < member.history[0]["monitor_force_mae"]
+    assert set(member.metrics) == {"train_energy_mae_per_atom", "train_force_mae"}
+
+
+def test_a_delivered_generation_without_hold_out_needs_its_own_epoch_count():
+    with pytest.raises(ValueError, match="final_holdout: false needs final_max_epochs"):
+        TrainingSettings(final_holdout=False)
+    settings = TrainingSettings(final_holdout=False, final_max_epochs=100)
+    assert settings.holds_out(final=False) and not settings.holds_out(final=True)
+    assert TrainingSettings().holds_out(final=True)
+
+
 @pytest.mark.parametrize("workflow", ["water_xtb.yaml", "water_xtb_gpu.yaml"])
 def test_the_shipped_xtb_workflows_deliver_a_committee_trained_on_the_squared_error(workflow):
     training = CampaignSpec.from_yaml(REPO / "workflows" / workflow).training
     assert training.for_generation(False).loss == "huber"
     assert training.for_generation(True).loss == "mse"
+    # the laptop's delivered committee trains on every result; the GPU's holds a tenth out
+    assert training.holds_out(final=False)
+    assert training.holds_out(final=True) == (workflow == "water_xtb_gpu.yaml")
 
 
 def test_training_leaves_dtype_and_logging_as_they_were(frames):
