@@ -334,7 +334,8 @@ def _divergence(history: list[dict]) -> str | None:
 
     if any(math.isfinite(epoch_loss(entry)) for entry in history):
         return None
-    return f"training diverged: loss {epoch_loss(history[-1])} in every epoch"
+    judged_by = "validation" if "validation_loss" in history[-1] else "monitor"
+    return f"training diverged: {judged_by} loss {epoch_loss(history[-1])} in every epoch"
 
 
 def _follow_up(

@@ -247,6 +247,10 @@ def test_status_names_failed_calculations_retired_trajectories_and_diverged_memb
         "model m0: training diverged: validation loss inf in every epoch",
     ]
     assert _divergence([{"validation_loss": math.nan}, {"validation_loss": 0.2}]) is None
+    # a member that holds no frame out is judged on its monitor frames
+    assert _divergence([{"monitor_loss": math.nan}, {"monitor_loss": 0.2}]) is None
+    diverged = _divergence([{"monitor_loss": math.nan}])
+    assert diverged == "training diverged: monitor loss nan in every epoch"
 
 
 @pytest.mark.slow
