@@ -174,7 +174,7 @@ def write_report(
             "s--",
             label="hold-out",
         )
-        top.legend(["validation", "hold-out"])
+        top.legend(["out-of-bag", "hold-out"])
     top.set_ylabel("force MAE (eV/Å)")
     top.set_title(f"campaign {campaign_id}")
     spent = [row["reference_spent"] for row in audits]
