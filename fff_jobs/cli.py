@@ -346,20 +346,15 @@ def print_status(campaign_id: str) -> None:
         ("current generation", "none yet" if generation is None else str(generation.generation)),
         ("training running", "yes" if status["training_running"] else "no"),
     ]
-    if generation is not None and generation.validation_frames == 0:
-        rows += [
-            ("validation errors", "none: every result trained this generation"),
-            ("training set", f"{generation.training_set_size} frames"),
-        ]
-    elif generation is not None:
-        rows += [
-            ("validation force MAE", f"{generation.validation_force_mae:.4f} eV/Å"),
-            (
-                "validation energy MAE",
-                f"{1000 * generation.validation_energy_mae_per_atom:.2f} meV/atom",
-            ),
-            ("training set", f"{generation.training_set_size} frames"),
-        ]
+    if generation is not None:
+        if generation.validation_frames == 0:
+            rows.append(("validation errors", "none: every result trained this generation"))
+        else:
+            force = generation.validation_force_mae
+            energy = 1000 * generation.validation_energy_mae_per_atom
+            rows.append(("validation force MAE", f"{force:.4f} eV/Å"))
+            rows.append(("validation energy MAE", f"{energy:.2f} meV/atom"))
+        rows.append(("training set", f"{generation.training_set_size} frames"))
     errors = ", ".join(f"{1000 * e:.2f}" for e in status["recent_audit_errors"] if e is not None)
     rows += [
         (

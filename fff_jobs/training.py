@@ -458,12 +458,11 @@ def _loaders(
     settings: TrainingSettings,
 ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """mace data loaders of the training frames (shuffled) and of the frames epochs are
-    judged by: the validation frames, or, where none is held out, the monitor frames."""
+    judged by (``split``: their indices)."""
     graphs = to_atomic_data(
         frames, hyperparameters["atomic_numbers"], hyperparameters["r_max"], labels
     )
-    training, validation = split
-    judged = validation or sorted(set(training))[::MONITOR_STRIDE]
+    training, judged = split
     return (
         torch_geometric.dataloader.DataLoader(
             [graphs[i] for i in training], batch_size=settings.batch_size, shuffle=True
@@ -549,10 +548,11 @@ def train_member(
         settings = settings.model_copy(update={"learning_rate": rate})
     device = torch.device(resolve_device(settings.device))
     with default_dtype(hyperparameters["dtype"]):
-        loaders = _loaders(frames, labels, split, hyperparameters, settings)
+        judged_by = "validation" if split[1] else "monitor"
+        judged = split[1] or sorted(set(split[0]))[::MONITOR_STRIDE]
+        loaders = _loaders(frames, labels, (split[0], judged), hyperparameters, settings)
         model.to(device)
         loss_fn = _loss(settings).to(device)
-        judged_by = "validation" if split[1] else "monitor"
         history, best_epoch = _fit(model, loss_fn, loaders, settings, judged_by)
         metrics = _final_metrics(model, loss_fn, loaders, settings, device, judged_by)
     return TrainedMember(
