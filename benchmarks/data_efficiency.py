@@ -99,9 +99,11 @@ def setting(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def md_frames(starts: list[Atoms], temperatures: list[float], spec, steps: int) -> list[Atoms]:
-    """Reference-driven MD (the spec's thermostat) of each start at each temperature: the
-    frames of the second half of each run, labelled by the reference."""
+def md_frames(
+    starts: list[Atoms], temperatures: list[float], spec, steps: int, kept: int = 10
+) -> list[Atoms]:
+    """Reference-driven MD (the spec's thermostat) of each start at each temperature: ``kept``
+    evenly spaced frames of the second half of each run, labelled by the reference."""
     from fff_jobs.reference import compute_references, make_calculator
     from fff_jobs.sampling import run_segment
 
@@ -110,9 +112,9 @@ def md_frames(starts: list[Atoms], temperatures: list[float], spec, steps: int) 
     for index, atoms in enumerate(starts):
         for temperature in temperatures:
             segment = run_segment(
-                atoms, calculator, spec.md, steps, 20, seed=index, temperature=temperature
+                atoms, calculator, spec.md, steps, 2 * kept, seed=index, temperature=temperature
             )
-            frames += [frame.to_atoms() for frame in segment.frames[10:]]
+            frames += [frame.to_atoms() for frame in segment.frames[kept:]]
     return [r.to_atoms() for r in compute_references(frames, spec.reference) if r.success]
 
 
@@ -128,17 +130,19 @@ def holdout_set(spec, steps: int) -> list[Atoms]:
     return md_frames(starts, sorted({min(ladder), max(ladder)}), spec, steps)
 
 
-def reference_md_pool(spec, steps: int) -> list[Atoms]:
-    """The ideal baseline's pool: reference MD from the campaign's starting structures, each
-    trajectory at the temperature the campaign gives it."""
+def reference_md_pool(spec, steps: int, size: int) -> list[Atoms]:
+    """The ideal baseline's pool of at least ``size`` frames: reference MD from the campaign's
+    starting structures, each trajectory at the temperature the campaign gives it, run
+    longer where it must give more frames (a frame every ``steps / 20`` steps, as ever)."""
     from fff_jobs.steering import trajectory_starts
     from fff_jobs.structures import water_search_space
 
     starts = water_search_space(spec.system.water_clusters)
     plan = trajectory_starts([len(a) for a in starts], spec.trajectories, spec.md.temperatures)
+    kept = max(10, -(-size * 11 // (10 * len(plan))))  # 10 % more, for failed calculations
     frames = []
     for structure, temperature in plan:
-        frames += md_frames([starts[structure]], [temperature], spec, steps)
+        frames += md_frames([starts[structure]], [temperature], spec, steps * kept // 10, kept)
     return frames
 
 
@@ -162,6 +166,10 @@ def drawn(pool: list[Atoms], count: int, seed: int, reference=None) -> list[Atom
     """``count`` frames drawn uniformly (nested across budgets), labelled by the reference."""
     from fff_jobs.reference import compute_references
 
+    if len(pool) < count:
+        raise SystemExit(
+            f"a pool of {len(pool)} frames cannot give {count}: lower the largest budget"
+        )
     order = np.random.default_rng(seed).permutation(len(pool))[:count]
     chosen = [pool[i] for i in order]
     if reference is None:
@@ -436,7 +444,9 @@ def main() -> None:
             ]
         holdout = background.submit(holdout_set, first, steps)
         pools = [
-            background.submit(reference_md_pool, CampaignSpec.model_validate(spec), steps)
+            background.submit(
+                reference_md_pool, CampaignSpec.model_validate(spec), steps, max(arguments.budgets)
+            )
             for spec in specs
         ]
         records = [campaign.result() for campaign in campaigns]
