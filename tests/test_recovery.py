@@ -111,7 +111,7 @@ def crashed_campaign(tmp_path_factory, mongo_uri: str):
     }
     points = {*KILL_POINTS, *FIREWORKS_POINTS}
     seeded = random.Random(SEED)
-    delays = [seeded.uniform(10, 30) for _ in range(RANDOM_KILLS)]
+    delays = [seeded.uniform(3, 12) for _ in range(RANDOM_KILLS)]
     stored_before_kills, recoveries, printed = set(), {}, [submitted.stdout + submitted.stderr]
     for _ in range(MAX_WORKERS):
         random_kills = sorted(kind for kind in recoveries if kind.startswith("random"))
