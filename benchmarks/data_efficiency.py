@@ -58,6 +58,7 @@ LABELS = {
 }
 MIN_COMMITTEE = 4
 STABILITY_STEPS = 2000  # the most MD steps counted per stability run (--stability-steps)
+KEPT_PER_RUN = 10  # labelled frames of a reference MD run of `steps` steps (its second half)
 
 
 def set_by_the_benchmark(seed: int, committee_size: int, budget: int) -> dict[str, object]:
@@ -100,7 +101,7 @@ def setting(text: str) -> tuple[str, object]:
 
 
 def md_frames(
-    starts: list[Atoms], temperatures: list[float], spec, steps: int, kept: int = 10
+    starts: list[Atoms], temperatures: list[float], spec, steps: int, kept: int = KEPT_PER_RUN
 ) -> list[Atoms]:
     """Reference-driven MD (the spec's thermostat) of each start at each temperature: ``kept``
     evenly spaced frames of the second half of each run, labelled by the reference."""
@@ -133,16 +134,19 @@ def holdout_set(spec, steps: int) -> list[Atoms]:
 def reference_md_pool(spec, steps: int, size: int) -> list[Atoms]:
     """The ideal baseline's pool of at least ``size`` frames: reference MD from the campaign's
     starting structures, each trajectory at the temperature the campaign gives it, run
-    longer where it must give more frames (a frame every ``steps / 20`` steps, as ever)."""
+    longer where it must give more frames, at the same spacing."""
     from fff_jobs.steering import trajectory_starts
     from fff_jobs.structures import water_search_space
 
     starts = water_search_space(spec.system.water_clusters)
     plan = trajectory_starts([len(a) for a in starts], spec.trajectories, spec.md.temperatures)
-    kept = max(10, -(-size * 11 // (10 * len(plan))))  # 10 % more, for failed calculations
+    # 10 % more than asked, for failed calculations
+    kept = max(KEPT_PER_RUN, -(-size * 11 // (10 * len(plan))))
     frames = []
     for structure, temperature in plan:
-        frames += md_frames([starts[structure]], [temperature], spec, steps * kept // 10, kept)
+        frames += md_frames(
+            [starts[structure]], [temperature], spec, steps * kept // KEPT_PER_RUN, kept
+        )
     return frames
 
 
