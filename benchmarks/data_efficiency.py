@@ -38,6 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tblite beside other processes (
 import argparse
 import contextlib
 import json
+import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -141,7 +142,7 @@ def reference_md_pool(spec, steps: int, size: int) -> list[Atoms]:
     starts = water_search_space(spec.system.water_clusters)
     plan = trajectory_starts([len(a) for a in starts], spec.trajectories, spec.md.temperatures)
     # 10 % more than asked, for failed calculations
-    kept = max(KEPT_PER_RUN, -(-size * 11 // (10 * len(plan))))
+    kept = max(KEPT_PER_RUN, math.ceil(size * 11 / (10 * len(plan))))
     frames = []
     for structure, temperature in plan:
         frames += md_frames(
