@@ -20,17 +20,21 @@ from pydantic import BaseModel
 Uncertainty = Literal["force", "energy"]
 
 
-def force_deviation(member_forces: np.ndarray) -> float:
-    """Largest per-atom force standard deviation over members (eV/A) of one structure.
+def atom_force_deviations(member_forces: np.ndarray) -> np.ndarray:
+    """Each atom's force standard deviation over members (eV/A) of one structure.
 
     ``member_forces`` has shape (members, atoms, 3); the deviation of atom i is
     sqrt(mean over members of |F_i - mean F_i|^2).
     """
     forces = np.asarray(member_forces, dtype=float)
-    if forces.shape[1] == 0:
-        return 0.0
     deviation = forces - forces.mean(axis=0)
-    return float(np.sqrt((deviation**2).sum(axis=2).mean(axis=0)).max())
+    return np.sqrt((deviation**2).sum(axis=2).mean(axis=0))
+
+
+def force_deviation(member_forces: np.ndarray) -> float:
+    """Largest per-atom force standard deviation over members (eV/A) of one structure."""
+    deviations = atom_force_deviations(member_forces)
+    return float(deviations.max()) if deviations.size else 0.0
 
 
 class Prediction(BaseModel):

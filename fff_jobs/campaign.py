@@ -628,7 +628,8 @@ def _score(database, campaign: Campaign, frames: list[PooledFrame], batch_size: 
     per_atom = prediction.energies / [len(a) for a in atoms]
     uncertainty = prediction.uncertainty(spec.uncertainty)
     settings = spec.selection.model_copy(update={"batch_size": batch_size})
-    picked = select_frames(uncertainty, settings, per_atom.T, prediction.descriptors)
+    score = prediction.total_force_deviation if settings.score == "total_force" else uncertainty
+    picked = select_frames(score, settings, per_atom.T, prediction.descriptors)
     generation = documents[0].generation
     predictions = {
         frames[index].id: prediction.frame_prediction(int(index), generation).model_dump()

@@ -68,6 +68,13 @@ class CommitteePrediction:
             raise ValueError("the force deviation needs forces: predict with compute_forces=True")
         return np.array([calibration.force_deviation(forces) for forces in self.forces])
 
+    @property
+    def total_force_deviation(self) -> np.ndarray:
+        """Sum over atoms of the per-atom force standard deviations of each structure (eV/A)."""
+        if self.forces is None:
+            raise ValueError("the force deviation needs forces: predict with compute_forces=True")
+        return np.array([calibration.atom_force_deviations(f).sum() for f in self.forces])
+
     def uncertainty(self, kind: calibration.Uncertainty) -> np.ndarray:
         """Each structure's force deviation (eV/A) or energy-per-atom spread (eV/atom)."""
         return self.force_deviation if kind == "force" else self.energy_per_atom_std

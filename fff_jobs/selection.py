@@ -1,7 +1,8 @@
 """Selection: which sampled frames the reference computes next, from the committee's predictions.
 
-Inputs are arrays: `uncertainty` of shape (n_frames,), the committee's uncertainty of
-each frame (its largest per-atom force deviation, or its energy spread); `energies` of
+Inputs are arrays: `uncertainty` of shape (n_frames,), the score of each frame by the
+committee's doubt (the sum or the largest of its per-atom force deviations, or its
+energy spread: the selection's `score`); `energies` of
 shape (n_frames, n_members) holding each committee member's energy per atom (eV/atom)
 for each frame; and, for farthest-point selection, `descriptors` of shape (n_frames, d).
 Outputs are indices into the frames.

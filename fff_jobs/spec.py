@@ -427,13 +427,19 @@ class AuditSettings(Section):
 class SelectionSettings(Section):
     """How a batch of frames is picked from the committee's predictions.
 
-    spread: the most uncertain frame, dropping the frames whose committee predictions
-    correlate most with it, repeated (the original); farthest_point: uncertainty times
-    the distance to the nearest frame picked, in the committee's descriptor space.
+    spread: the highest-scoring frame, dropping the frames whose committee predictions
+    correlate most with it, repeated (the original); farthest_point: score times the
+    distance to the nearest frame picked, in the committee's descriptor space.
+
+    score: total_force, the sum over a frame's atoms of the committee's per-atom force
+    deviation (all its disagreement, which grows with the atoms whose forces one
+    calculation labels); uncertainty, the campaign's `uncertainty` (the largest per-atom
+    force deviation, or the energy spread), as in the original.
     """
 
     batch_size: int = Field(16, gt=0)
     method: Literal["spread", "farthest_point"] = "spread"
+    score: Literal["total_force", "uncertainty"] = "total_force"
     seed: int = 0  # breaks ties between equally ranked frames
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from fff_jobs.calibration import (
     Prediction,
+    atom_force_deviations,
     calibration_record,
     calibration_summary,
     force_deviation,
@@ -21,6 +22,7 @@ def test_force_deviation_is_the_largest_per_atom_standard_deviation():
     forces[0, 2] = [0.0, 0.3, 0.4]  # atom 2: members 0.5 eV/A apart, deviation 0.25
     assert force_deviation(forces) == pytest.approx(1.0)
     assert force_deviation(np.ones((4, 5, 3))) == 0.0  # members that agree
+    assert atom_force_deviations(forces) == pytest.approx([0.0, 1.0, 0.25])
 
 
 def test_a_prediction_and_its_calibration_record():

@@ -15,6 +15,7 @@ from mace.calculators import MACECalculator
 from test_training import TINY_MODEL, TINY_TRAINING, labelled_frames
 
 from fff_jobs.committee import (
+    CommitteePrediction,
     committee_uncertainty,
     export_model,
     load_member,
@@ -80,6 +81,21 @@ def test_md_reuses_the_driving_members_results_for_the_same_uncertainty(committe
     assert reused(atoms) == pytest.approx(whole, rel=1e-9) and whole > 0
     atoms.positions[0] += 0.05  # moved since the calculator ran: its results are recomputed
     assert reused(atoms) == pytest.approx(committee_uncertainty(models, kind)(atoms), rel=1e-9)
+
+
+def test_total_force_deviation_ranks_broad_doubt_above_one_doubtful_atom():
+    one_atom = np.zeros((2, 3, 3))  # two members, three atoms
+    one_atom[0, 0, 0], one_atom[1, 0, 0] = 0.4, -0.4  # atom 0 at 0.4 eV/A deviation
+    every_atom = np.zeros((2, 6, 3))
+    every_atom[0, :, 1], every_atom[1, :, 1] = 0.3, -0.3  # six atoms at 0.3 eV/A
+    prediction = CommitteePrediction(
+        energies=np.zeros((2, 2)),
+        energy_per_atom_mean=np.zeros(2),
+        energy_per_atom_std=np.zeros(2),
+        forces=[one_atom, every_atom],
+    )
+    assert prediction.force_deviation == pytest.approx([0.4, 0.3])
+    assert prediction.total_force_deviation == pytest.approx([0.4, 1.8])
 
 
 def test_descriptors_are_the_first_member_mean_invariants(committee, model_files):
