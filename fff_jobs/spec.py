@@ -500,8 +500,9 @@ class CampaignSpec(Section):
     md: MDSettings = Field(default_factory=MDSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
-    # the committee's uncertainty, for selection and for stopping segments: force, the largest
-    # per-atom force deviation (eV/A); energy, the spread of the energy per atom (eV/atom)
+    # the committee's uncertainty, for stopping segments, calibration and `selection.score:
+    # uncertainty`: force, the largest per-atom force deviation (eV/A); energy, the spread
+    # of the energy per atom (eV/atom)
     uncertainty: Literal["force", "energy"] = "force"
     trajectories: int = Field(4, gt=0)  # trajectories kept running
     max_trajectory_failures: int = Field(5, gt=0)  # failed audits in a row retire a trajectory
