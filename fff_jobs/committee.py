@@ -64,16 +64,19 @@ class CommitteePrediction:
     @property
     def force_deviation(self) -> np.ndarray:
         """Largest per-atom force standard deviation over members of each structure (eV/A)."""
-        if self.forces is None:
-            raise ValueError("the force deviation needs forces: predict with compute_forces=True")
-        return np.array([calibration.force_deviation(forces) for forces in self.forces])
+        return np.array([calibration.force_deviation(forces) for forces in self._member_forces])
 
     @property
     def total_force_deviation(self) -> np.ndarray:
         """Sum over atoms of the per-atom force standard deviations of each structure (eV/A)."""
+        return np.array([calibration.atom_force_deviations(f).sum() for f in self._member_forces])
+
+    @property
+    def _member_forces(self) -> list[np.ndarray]:
+        """The members' forces of each structure; an error if they were not predicted."""
         if self.forces is None:
             raise ValueError("the force deviation needs forces: predict with compute_forces=True")
-        return np.array([calibration.atom_force_deviations(f).sum() for f in self.forces])
+        return self.forces
 
     def uncertainty(self, kind: calibration.Uncertainty) -> np.ndarray:
         """Each structure's force deviation (eV/A) or energy-per-atom spread (eV/atom)."""
