@@ -1,10 +1,10 @@
 """Selection: which sampled frames the reference computes next, from the committee's predictions.
 
-Inputs are arrays: `uncertainty` of shape (n_frames,), the score of each frame by the
-committee's doubt (the sum or the largest of its per-atom force deviations, or its
-energy spread: the selection's `score`); `energies` of
-shape (n_frames, n_members) holding each committee member's energy per atom (eV/atom)
-for each frame; and, for farthest-point selection, `descriptors` of shape (n_frames, d).
+Inputs are arrays: `score` of shape (n_frames,), each frame's rank by the committee's
+doubt (the sum or the largest of its per-atom force deviations, or its energy spread: the
+selection settings' `score`); `energies` of shape (n_frames, n_members) holding each
+committee member's energy per atom (eV/atom) for each frame; and, for farthest-point
+selection, `descriptors` of shape (n_frames, d).
 Outputs are indices into the frames.
 
 A frame with any non-finite prediction (or descriptor) is never picked: a member that
@@ -27,7 +27,7 @@ def committee_spread(energies: np.ndarray) -> np.ndarray:
 
 
 def select_frames(
-    uncertainty: np.ndarray,
+    score: np.ndarray,
     settings: SelectionSettings,
     energies: np.ndarray | None = None,
     descriptors: np.ndarray | None = None,
@@ -36,31 +36,31 @@ def select_frames(
     if settings.method == "spread":
         if energies is None:
             raise ValueError("spread selection needs the members' energies (n_frames x members)")
-        return select_by_spread(energies, settings.batch_size, settings.seed, uncertainty)
+        return select_by_spread(energies, settings.batch_size, settings.seed, score)
     if descriptors is None:
         raise ValueError("farthest_point selection needs descriptors (n_frames x d)")
-    return select_farthest_point(descriptors, uncertainty, settings.batch_size, settings.seed)
+    return select_farthest_point(descriptors, score, settings.batch_size, settings.seed)
 
 
 def select_by_spread(
-    energies: np.ndarray, batch_size: int, seed: int = 0, uncertainty: np.ndarray | None = None
+    energies: np.ndarray, batch_size: int, seed: int = 0, score: np.ndarray | None = None
 ) -> np.ndarray:
     """The original heuristic: pick the most uncertain, drop what correlates with it, repeat.
 
-    The uncertainty defaults to the energy spread. Each pick drops int(0.05 n) + 1 of
+    The score defaults to the energy spread. Each pick drops int(0.05 n) + 1 of
     the n remaining frames: those whose centred committee-prediction vectors correlate
     most (|Pearson r|) with the picked one, the picked one first. Stops when the batch
     is full or no frame remains.
     """
     energies = np.asarray(energies, dtype=float)
     valid = np.isfinite(energies).all(axis=1)
-    if uncertainty is not None:
-        uncertainty = np.asarray(uncertainty, dtype=float)
-        valid &= np.isfinite(uncertainty)
+    if score is not None:
+        score = np.asarray(score, dtype=float)
+        valid &= np.isfinite(score)
     order = _candidates(valid, seed)
     centred = energies[order] - energies[order].mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
-    spread = norms / np.sqrt(energies.shape[1]) if uncertainty is None else uncertainty[order]
+    spread = norms / np.sqrt(energies.shape[1]) if score is None else score[order]
     remaining = np.arange(order.size)
     picked: list[int] = []
     while len(picked) < batch_size and remaining.size:
@@ -85,19 +85,19 @@ def _abs_correlation(centred: np.ndarray, norms: np.ndarray, best: int) -> np.nd
 
 
 def select_farthest_point(
-    descriptors: np.ndarray, uncertainty: np.ndarray, batch_size: int, seed: int = 0
+    descriptors: np.ndarray, score: np.ndarray, batch_size: int, seed: int = 0
 ) -> np.ndarray:
-    """Farthest-point selection weighted by uncertainty.
+    """Farthest-point selection weighted by the score.
 
-    Starts from the most uncertain frame, then repeatedly picks the frame that
-    maximises uncertainty x (distance to the nearest picked frame). With no
-    uncertainty anywhere, plain farthest-point selection.
+    Starts from the highest-scoring frame, then repeatedly picks the frame that
+    maximises score x (distance to the nearest picked frame). With no score
+    anywhere, plain farthest-point selection.
     """
     descriptors = np.asarray(descriptors, dtype=float)
-    uncertainty = np.asarray(uncertainty, dtype=float)
-    valid = np.isfinite(descriptors).all(axis=1) & np.isfinite(uncertainty)
+    score = np.asarray(score, dtype=float)
+    valid = np.isfinite(descriptors).all(axis=1) & np.isfinite(score)
     order = _candidates(valid, seed)
-    points, weight = descriptors[order], uncertainty[order]
+    points, weight = descriptors[order], score[order]
     if weight.size and weight.max() <= 0:
         weight = np.ones_like(weight)
     squared_norms = np.einsum("ij,ij->i", points, points)
@@ -108,9 +108,9 @@ def select_farthest_point(
         picked.append(best)
         squared = squared_norms - 2 * points @ points[best] + squared_norms[best]
         nearest = np.minimum(nearest, np.sqrt(np.maximum(squared, 0.0)))
-        score = weight * nearest
-        score[picked] = -np.inf
-        best = int(np.argmax(score))
+        gain = weight * nearest
+        gain[picked] = -np.inf
+        best = int(np.argmax(gain))
     return order[picked]
 
 
