@@ -8,8 +8,9 @@ read back). Then, for every budget B, three training sets of the campaign's init
 plus B frames:
 
 - *campaign*: the first B results the campaign paid for (audits and selected frames);
-- *random ML-MD*: B frames drawn uniformly from the campaign's own frame pool (every
-  frame its ML-driven MD segments kept), labelled by the reference;
+- *random ML-MD*: B frames drawn uniformly from the campaign's own frame pool as it stood
+  when the campaign had stored its first B results (every frame its ML-driven MD segments
+  had kept by then), labelled by the reference;
 - *random reference MD* (the ideal, too expensive with real DFT): B frames drawn from MD
   driven by the reference itself, from the same starting structures at the same
   temperatures and thermostat.
@@ -42,6 +43,7 @@ import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from datetime import datetime
 from pathlib import Path
 
 import common
@@ -167,8 +169,31 @@ def campaign_frames(records: dict) -> tuple[list[Atoms], list[Atoms | None], lis
     return initial, budgeted, pool
 
 
+def pooled_by_budget(records: dict, budgets: list[int]) -> dict[int, list[int]]:
+    """For each budget B, the indices of the pool frames stored by the time the campaign had
+    stored its first B budgeted results: the MD a random sampler spending B would have had.
+
+    A campaign run to a larger budget keeps sampling after B, and its later MD (run longer
+    by better models) must not lend the random baseline at B frames the campaign at B
+    never saw.
+    """
+    pool = records["frame_pool"]
+    if any("stored_at" not in doc for doc in pool):
+        raise SystemExit(
+            "these records' pooled frames carry no stored_at (an fff older than the "
+            "benchmark's pool at each budget): run the campaigns again"
+        )
+    stored = [datetime.fromisoformat(doc["stored_at"]) for doc in pool]
+    budgeted = [doc for doc in records["reference_results"] if doc["source"] != "initial"]
+    by_budget = {}
+    for budget in budgets:
+        cutoff = max(datetime.fromisoformat(doc["stored_at"]) for doc in budgeted[:budget])
+        by_budget[budget] = [index for index, stamp in enumerate(stored) if stamp <= cutoff]
+    return by_budget
+
+
 def drawn(pool: list[Atoms], count: int, seed: int, reference=None) -> list[Atoms | None]:
-    """``count`` frames drawn uniformly (nested across budgets), labelled by the reference."""
+    """``count`` frames drawn uniformly, labelled by the reference."""
     from fff_jobs.reference import compute_references
 
     if len(pool) < count:
@@ -257,23 +282,28 @@ def training_tasks(
     spec = CampaignSpec.model_validate(spec_dict)
     seed = spec.training.seed
     initial, budgeted, pool = campaign_frames(records)
-    extra = {
-        "campaign": budgeted,
-        "random ML-MD": drawn(pool, max(budgets), seed, spec.reference),
-        "random reference MD": drawn(ideal_pool, max(budgets), seed),
+    ml_md = {
+        budget: drawn([pool[i] for i in pooled], budget, seed, spec.reference)
+        for budget, pooled in pooled_by_budget(records, budgets).items()
     }
+    ideal = drawn(ideal_pool, max(budgets), seed)
     largest = max(len(atoms) for atoms in holdout)
     starts = [atoms for atoms in holdout if len(atoms) == largest][::10]
     base = {"seed": seed, "spec": spec_dict, "holdout": holdout, "stability_starts": []}
     base["stability_steps"] = stability_steps
     tasks = [base | {"strategy": "initial data", "budget": 0, "frames": initial}]
-    for strategy, frames in extra.items():
-        for budget in budgets:
-            stable = starts if budget == max(budgets) and stability_steps else []
+    for budget in budgets:
+        stable = starts if budget == max(budgets) and stability_steps else []
+        extra = {
+            "campaign": budgeted[:budget],
+            "random ML-MD": ml_md[budget],
+            "random reference MD": ideal[:budget],
+        }
+        for strategy, frames in extra.items():
             tasks.append(
                 base
                 | {"strategy": strategy, "budget": budget, "stability_starts": stable}
-                | {"frames": initial + frames[:budget], "budget_used": len(frames[:budget])}
+                | {"frames": initial + frames, "budget_used": len(frames)}
             )
     return tasks
 

@@ -835,7 +835,9 @@ def revive_trajectories(database: Database, campaign_id: str, generation: int) -
 
 def pool_frames(database: Database, frames: list[PooledFrame]) -> int:
     """Add sampled frames to the pool (``_id`` chosen by the caller, so re-runs add nothing)."""
-    return _insert_new(database[FRAME_POOL], [frame.document() for frame in frames])
+    stamp = now()
+    documents = [frame.model_copy(update={"stored_at": stamp}).document() for frame in frames]
+    return _insert_new(database[FRAME_POOL], documents)
 
 
 def request_selection(database: Database, campaign: Campaign, owner: str) -> int | None:

@@ -282,6 +282,7 @@ class PooledFrame(Stored):
     generation: int
     frame: Frame
     sampling_energy: float
+    stored_at: datetime.datetime = Field(default_factory=now)
     status: FrameStatus = POOLED
     selection_id: str | None = None
     claimed_at: datetime.datetime | None = None

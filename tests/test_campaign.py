@@ -260,6 +260,20 @@ def test_readme_queries_answer_what_they_promise(finished_campaign):
     assert [row[0] for row in namespace["errors"]] == list(range(last + 1))
 
 
+def test_pooled_frames_are_stamped_before_their_segment_is_audited(finished_campaign):
+    """The benchmark's random ML-MD pool at budget B is what was stored by the B-th result."""
+    stored = stored_database(finished_campaign[0])
+    audited = {
+        (r["trajectory_id"], r["segment"]): r["stored_at"]
+        for r in stored["reference_results"]
+        if r["source"] == "audit"
+    }
+    frames = [f for f in stored["frame_pool"] if (f["trajectory_id"], f["segment"]) in audited]
+    assert frames
+    for frame in frames:
+        assert frame["stored_at"] <= audited[frame["trajectory_id"], frame["segment"]]
+
+
 def test_rerunning_a_finished_selection_and_audit_duplicates_nothing(finished_campaign):
     project, campaign_id = finished_campaign
     before = stored_database(project)
