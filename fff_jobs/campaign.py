@@ -629,7 +629,8 @@ def _score(database, campaign: Campaign, frames: list[PooledFrame], batch_size: 
     uncertainty = prediction.uncertainty(spec.uncertainty)
     settings = spec.selection.model_copy(update={"batch_size": batch_size})
     score = prediction.total_force_deviation if settings.score == "total_force" else uncertainty
-    picked = select_frames(score, settings, per_atom.T, prediction.descriptors)
+    segments = [f"{frame.trajectory_id}/{frame.segment}" for frame in frames]
+    picked = select_frames(score, settings, per_atom.T, prediction.descriptors, segments)
     generation = documents[0].generation
     predictions = {
         frames[index].id: prediction.frame_prediction(int(index), generation).model_dump()

@@ -4,7 +4,8 @@ Inputs are arrays: `score` of shape (n_frames,), each frame's rank by the commit
 doubt (the sum or the largest of its per-atom force deviations, or its energy spread: the
 selection settings' `score`); `energies` of shape (n_frames, n_members) holding each
 committee member's energy per atom (eV/atom) for each frame; and, for farthest-point
-selection, `descriptors` of shape (n_frames, d).
+selection, `descriptors` of shape (n_frames, d); and, to share a batch among MD
+segments, `segments`, each frame's segment label (n_frames of them).
 Outputs are indices into the frames.
 
 A frame with any non-finite prediction (or descriptor) is never picked: a member that
@@ -13,6 +14,8 @@ from the seed, so a selection is deterministic for a given seed and input.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -31,26 +34,35 @@ def select_frames(
     settings: SelectionSettings,
     energies: np.ndarray | None = None,
     descriptors: np.ndarray | None = None,
+    segments: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Indices of up to `batch_size` frames, by the method the settings name."""
     if settings.method == "spread":
         if energies is None:
             raise ValueError("spread selection needs the members' energies (n_frames x members)")
-        return select_by_spread(energies, settings.batch_size, settings.seed, score)
+        if settings.spread_over_segments and segments is None:
+            raise ValueError("spread_over_segments needs each frame's segment (n_frames,)")
+        shared = segments if settings.spread_over_segments else None
+        return select_by_spread(energies, settings.batch_size, settings.seed, score, shared)
     if descriptors is None:
         raise ValueError("farthest_point selection needs descriptors (n_frames x d)")
     return select_farthest_point(descriptors, score, settings.batch_size, settings.seed)
 
 
 def select_by_spread(
-    energies: np.ndarray, batch_size: int, seed: int = 0, score: np.ndarray | None = None
+    energies: np.ndarray,
+    batch_size: int,
+    seed: int = 0,
+    score: np.ndarray | None = None,
+    segments: Sequence[str] | None = None,
 ) -> np.ndarray:
     """The original heuristic: pick the most uncertain, drop what correlates with it, repeat.
 
     The score defaults to the energy spread. Each pick drops int(0.05 n) + 1 of
     the n remaining frames: those whose centred committee-prediction vectors correlate
     most (|Pearson r|) with the picked one, the picked one first. Stops when the batch
-    is full or no frame remains.
+    is full or no frame remains. With `segments`, a segment that has given
+    ceil(batch_size / segments) picks gives no more while another segment has frames left.
     """
     energies = np.asarray(energies, dtype=float)
     valid = np.isfinite(energies).all(axis=1)
@@ -61,10 +73,14 @@ def select_by_spread(
     centred = energies[order] - energies[order].mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
     spread = norms / np.sqrt(energies.shape[1]) if score is None else score[order]
+    labels = None if segments is None else np.asarray(segments)[order]
     remaining = np.arange(order.size)
     picked: list[int] = []
     while len(picked) < batch_size and remaining.size:
-        best = int(np.argmax(spread[remaining]))
+        ranking = spread[remaining]
+        if labels is not None:
+            ranking = _within_share(ranking, labels, remaining, picked, batch_size)
+        best = int(np.argmax(ranking))
         picked.append(int(remaining[best]))
         correlation = _abs_correlation(centred[remaining], norms[remaining], best)
         count = int(DROP_FRACTION * remaining.size) + 1
@@ -73,6 +89,23 @@ def select_by_spread(
         keep[dropped] = False
         remaining = remaining[keep]
     return order[picked]
+
+
+def _within_share(
+    ranking: np.ndarray,
+    segments: np.ndarray,
+    remaining: np.ndarray,
+    picked: list[int],
+    batch_size: int,
+) -> np.ndarray:
+    """The ranking with the frames of segments that have had their share set to -inf
+    (unchanged when every remaining frame's segment has)."""
+    share = -(-batch_size // np.unique(segments).size)
+    labels, counts = np.unique(segments[picked], return_counts=True)
+    full = np.isin(segments[remaining], labels[counts >= share])
+    if full.all():
+        return ranking
+    return np.where(full, -np.inf, ranking)
 
 
 def _abs_correlation(centred: np.ndarray, norms: np.ndarray, best: int) -> np.ndarray:

@@ -435,12 +435,26 @@ class SelectionSettings(Section):
     deviation (all its disagreement, which grows with the atoms whose forces one
     calculation labels); uncertainty, the campaign's `uncertainty` (the largest per-atom
     force deviation, or the energy spread), as in the original.
+
+    spread_over_segments (spread only): no MD segment in the pool gives more than an even
+    share of the batch while another has frames left, so the most doubtful segment's
+    neighbouring, correlated frames cannot fill it.
     """
 
     batch_size: int = Field(16, gt=0)
     method: Literal["spread", "farthest_point"] = "spread"
     score: Literal["total_force", "uncertainty"] = "total_force"
+    spread_over_segments: bool = False
     seed: int = 0  # breaks ties between equally ranked frames
+
+    @model_validator(mode="after")
+    def _segments_with_spread(self) -> SelectionSettings:
+        if self.spread_over_segments and self.method != "spread":
+            raise ValueError(
+                "selection.spread_over_segments works with method: spread only; "
+                "set method: spread or drop spread_over_segments"
+            )
+        return self
 
 
 # --- the campaign spec (workflows/*.yaml) ---

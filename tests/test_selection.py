@@ -117,3 +117,29 @@ def test_spread_selection_ranks_by_the_uncertainty_given():
     force_deviation[5] = 5.0  # never picked: a member returned NaN for this frame
     picked = select_frames(force_deviation, SelectionSettings(batch_size=2), energies)
     assert picked.tolist() == [7, 11]
+
+
+def test_spread_over_segments_shares_the_batch_among_segments():
+    """Segment a's frames all outrank segment b's: alone they would fill the batch; shared,
+    each segment gives half, and a segment with too few frames leaves its share to others."""
+    rng = np.random.default_rng(1)
+    energies = rng.normal(size=(40, 4))
+    score = np.concatenate([2.0 + rng.random(20), rng.random(20)])
+    segments = ["t000/0"] * 20 + ["t001/0"] * 20
+    shared = SelectionSettings(batch_size=4, spread_over_segments=True)
+    picked = select_frames(score, shared, energies, segments=segments)
+    assert sorted(segments[i] for i in picked) == ["t000/0"] * 2 + ["t001/0"] * 2
+    assert picked[0] == np.argmax(score)
+    alone = select_frames(score, SelectionSettings(batch_size=4), energies, segments=segments)
+    assert all(i < 20 for i in alone)
+    few = segments[:20] + ["t001/0"] + ["t002/0"] * 19
+    energies[21:, 0] = np.nan  # t002/0's frames cannot be picked: t001/0 holds one valid frame
+    picked = select_frames(score, shared, energies, segments=few)
+    assert len(picked) == 4 and [few[i] for i in picked].count("t000/0") >= 3
+    with pytest.raises(ValueError, match="needs each frame's segment"):
+        select_frames(score, shared, energies)
+
+
+def test_spread_over_segments_is_refused_with_farthest_point():
+    with pytest.raises(ValueError, match="method: spread only"):
+        SelectionSettings(method="farthest_point", spread_over_segments=True)
