@@ -74,12 +74,13 @@ def select_by_spread(
     norms = np.linalg.norm(centred, axis=1)
     spread = norms / np.sqrt(energies.shape[1]) if score is None else score[order]
     labels = None if segments is None else np.asarray(segments)[order]
+    share = None if labels is None else -(-batch_size // np.unique(labels).size)
     remaining = np.arange(order.size)
     picked: list[int] = []
     while len(picked) < batch_size and remaining.size:
         ranking = spread[remaining]
         if labels is not None:
-            ranking = _within_share(ranking, labels, remaining, picked, batch_size)
+            ranking = _within_share(ranking, labels, remaining, picked, share)
         best = int(np.argmax(ranking))
         picked.append(int(remaining[best]))
         correlation = _abs_correlation(centred[remaining], norms[remaining], best)
@@ -96,11 +97,10 @@ def _within_share(
     segments: np.ndarray,
     remaining: np.ndarray,
     picked: list[int],
-    batch_size: int,
+    share: int,
 ) -> np.ndarray:
-    """The ranking with the frames of segments that have had their share set to -inf
+    """The ranking with the frames of segments that have given `share` picks set to -inf
     (unchanged when every remaining frame's segment has)."""
-    share = -(-batch_size // np.unique(segments).size)
     labels, counts = np.unique(segments[picked], return_counts=True)
     full = np.isin(segments[remaining], labels[counts >= share])
     if full.all():
